@@ -1,0 +1,54 @@
+"""Dense layers with logical axis names."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def _dtype(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel is [in, out] with logical axes `axes`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        axes: Axes = ("embed", "mlp"),
+        use_bias: bool = False,
+        param_dtype: str = "float32",
+        rngs: nnx.Rngs,
+    ) -> None:
+        bound = 1.0 / in_features**0.5
+        init = jax.random.uniform(
+            rngs.params(), (in_features, out_features), _dtype(param_dtype), -bound, bound
+        )
+        self.kernel = nnx.Param(init, sharding_names=axes)
+        self.bias = (
+            nnx.Param(jnp.zeros((out_features,), _dtype(param_dtype)), sharding_names=axes[1:])
+            if use_bias
+            else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        return y
+
+
+class LayerScale(nnx.Module):
+    """Per-channel residual scale, initialised small (Touvron et al. 2021)."""
+
+    def __init__(self, dim: int, init: float, *, param_dtype: str = "float32") -> None:
+        self.scale = nnx.Param(jnp.full((dim,), init, _dtype(param_dtype)), sharding_names=("embed",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x * self.scale[...].astype(x.dtype)
