@@ -37,9 +37,9 @@ class EuclideanCodebook(nnx.Module):
     def __init__(self, cfg: QuantizerConfig) -> None:
         self.cfg = cfg
         shape = (cfg.bins, cfg.dimension)
-        self.embedding_sum = CodebookStat(jnp.zeros(shape), sharding_names=("codebook_entries", "codebook_dim"))
-        self.cluster_usage = CodebookStat(jnp.ones((cfg.bins,)), sharding_names=("codebook_entries",))
-        self.initialized = CodebookStat(jnp.zeros((1,)), sharding_names=(None,))
+        self.embedding_sum = CodebookStat(jnp.zeros(shape), out_sharding=("codebook_entries", "codebook_dim"))
+        self.cluster_usage = CodebookStat(jnp.ones((cfg.bins,)), out_sharding=("codebook_entries",))
+        self.initialized = CodebookStat(jnp.zeros((1,)), out_sharding=(None,))
 
     @property
     def embedding(self) -> jax.Array:

@@ -52,10 +52,10 @@ class StreamingConv1d(nnx.Module):
         shape = (kernel_size, in_channels // groups, out_channels)
         self.kernel = nnx.Param(
             _uniform(rngs, shape, fan_in, param_dtype),
-            sharding_names=("conv_kernel", "conv_in", "conv_out"),
+            out_sharding=("conv_kernel", "conv_in", "conv_out"),
         )
         self.bias = (
-            nnx.Param(_uniform(rngs, (out_channels,), fan_in, param_dtype), sharding_names=("conv_out",))
+            nnx.Param(_uniform(rngs, (out_channels,), fan_in, param_dtype), out_sharding=("conv_out",))
             if use_bias
             else None
         )
@@ -126,10 +126,10 @@ class StreamingConvTranspose1d(nnx.Module):
         shape = (kernel_size, in_channels, out_channels // groups)
         self.kernel = nnx.Param(
             _uniform(rngs, shape, fan_in, param_dtype),
-            sharding_names=("conv_kernel", "conv_in", "conv_out"),
+            out_sharding=("conv_kernel", "conv_in", "conv_out"),
         )
         self.bias = (
-            nnx.Param(_uniform(rngs, (out_channels,), fan_in, param_dtype), sharding_names=("conv_out",))
+            nnx.Param(_uniform(rngs, (out_channels,), fan_in, param_dtype), out_sharding=("conv_out",))
             if use_bias
             else None
         )

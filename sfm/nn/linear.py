@@ -30,9 +30,9 @@ class Linear(nnx.Module):
         init = jax.random.uniform(
             rngs.params(), (in_features, out_features), _dtype(param_dtype), -bound, bound
         )
-        self.kernel = nnx.Param(init, sharding_names=axes)
+        self.kernel = nnx.Param(init, out_sharding=axes)
         self.bias = (
-            nnx.Param(jnp.zeros((out_features,), _dtype(param_dtype)), sharding_names=axes[1:])
+            nnx.Param(jnp.zeros((out_features,), _dtype(param_dtype)), out_sharding=axes[1:])
             if use_bias
             else None
         )
@@ -48,7 +48,7 @@ class LayerScale(nnx.Module):
     """Per-channel residual scale, initialised small (Touvron et al. 2021)."""
 
     def __init__(self, dim: int, init: float, *, param_dtype: str = "float32") -> None:
-        self.scale = nnx.Param(jnp.full((dim,), init, _dtype(param_dtype)), sharding_names=("embed",))
+        self.scale = nnx.Param(jnp.full((dim,), init, _dtype(param_dtype)), out_sharding=("embed",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return x * self.scale[...].astype(x.dtype)

@@ -12,8 +12,8 @@ class LayerNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float = 1e-5, param_dtype: str = "float32") -> None:
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), sharding_names=("norm",))
-        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), sharding_names=("norm",))
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -29,7 +29,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float = 1e-8, param_dtype: str = "float32") -> None:
         self.eps = eps
-        self.alpha = nnx.Param(jnp.ones((dim,), param_dtype), sharding_names=("norm",))
+        self.alpha = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)

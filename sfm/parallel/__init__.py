@@ -1,0 +1,26 @@
+"""Device mesh, logical-axis sharding rules and multi-process initialization."""
+
+from sfm.parallel.config import DEFAULT_RULES, MESH_AXES, MeshConfig
+from sfm.parallel.distributed import DistributedInfo, initialize_from_env
+from sfm.parallel.mesh import build_mesh
+from sfm.parallel.rules import (
+    activation_constraint,
+    batch_sharding,
+    logical_to_mesh_spec,
+    param_shardings,
+    shard_model,
+)
+
+__all__ = [
+    "DEFAULT_RULES",
+    "MESH_AXES",
+    "DistributedInfo",
+    "MeshConfig",
+    "activation_constraint",
+    "batch_sharding",
+    "build_mesh",
+    "initialize_from_env",
+    "logical_to_mesh_spec",
+    "param_shardings",
+    "shard_model",
+]
