@@ -1,0 +1,492 @@
+"""Typed, frozen configuration: YAML presets in configs/, dotted overrides, one-line errors.
+
+A config is a tree of frozen dataclasses. `load_config` reads a YAML preset (which may name
+`base:` presets to inherit from), applies `key.sub=value` overrides and builds the tree with
+`from_dict`, which checks every key and value and names the full dotted key when one is wrong.
+
+YAML here is YAML 1.1 "safe" with two 1.2 habits: only true/false are booleans (`yes`, `on`
+stay strings) and `1e-5` is a float. A field typed `tuple[tuple[str, X], ...]` (such as
+`mesh.rules`) may be written as a mapping `{name: x, ...}` or as a list of pairs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar, overload
+
+import yaml
+
+from sfm.codec.config import CodecConfig
+from sfm.parallel.config import MeshConfig
+
+T = TypeVar("T")
+
+_NONE = type(None)
+_MISSING = dataclasses.MISSING
+
+
+class ConfigError(ValueError):
+    """A bad config file, key, value or override; the message is one line naming it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a run needs. A new section is a new field holding a frozen dataclass."""
+
+    codec: CodecConfig = CodecConfig()
+    mesh: MeshConfig = MeshConfig()
+    seed: int = 0
+
+
+# --- YAML dialect -------------------------------------------------------------------------
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_BOOL_RE = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+_FLOAT_RE = re.compile(
+    r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.VERBOSE,
+)
+
+
+def _core_scalars(base: type[yaml.SafeLoader | yaml.SafeDumper]) -> dict[Any, list]:
+    """`base`'s implicit resolvers with true/false-only booleans and exponent floats."""
+    resolvers = {
+        first: [(tag, rx) for tag, rx in pairs if tag not in (_BOOL_TAG, _FLOAT_TAG)]
+        for first, pairs in base.yaml_implicit_resolvers.items()
+    }
+    for tag, regexp, firsts in (
+        (_BOOL_TAG, _BOOL_RE, "tTfF"),
+        (_FLOAT_TAG, _FLOAT_RE, "-+0123456789."),
+    ):
+        for first in firsts:
+            resolvers.setdefault(first, []).append((tag, regexp))
+    return resolvers
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML reading true/false (only) as booleans and 1e-5 as a float."""
+
+    yaml_implicit_resolvers = _core_scalars(yaml.SafeLoader)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes exactly the strings that `_Loader` would read as something else."""
+
+    yaml_implicit_resolvers = _core_scalars(yaml.SafeDumper)
+
+
+def _represent_list(dumper: _Dumper, data: list) -> yaml.Node:
+    """Lists of scalars on one line (`ratios: [8, 6, 5, 4]`), mappings always in block style."""
+    flow = not any(isinstance(item, (list, dict)) for item in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_Dumper.add_representer(list, _represent_list)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line saying what is wrong in the YAML, without the multi-line source excerpt."""
+    if isinstance(err, yaml.MarkedYAMLError):
+        return err.problem or err.context or "syntax error"
+    return str(err).splitlines()[0]
+
+
+# --- building dataclasses from plain data -------------------------------------------------
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, prefix: str = "") -> T:
+    """Builds dataclass `cls` from plain data, checking every key and value.
+
+    `prefix` is the dotted name of this section, used in error messages. `None` means an
+    empty section (all defaults).
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        where = prefix or "<top level>"
+        got = _describe(data)
+        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {got}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        key = _join(prefix, str(name))
+        if name not in fields:
+            raise ConfigError(f"{key}: unknown key{_did_you_mean(str(name), list(fields))}")
+        kwargs[name] = _convert(hints[name], value, key)
+    _check_required(fields, kwargs, prefix)
+    return _construct(cls, kwargs)
+
+
+def _construct(cls: type[T], kwargs: dict[str, Any]) -> T:
+    """Calls `cls`; its own `__post_init__` checks (ValueError) become ConfigErrors."""
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+def _check_required(
+    fields: dict[str, dataclasses.Field], kwargs: dict[str, Any], prefix: str
+) -> None:
+    for name, field in fields.items():
+        has_default = field.default is not _MISSING or field.default_factory is not _MISSING
+        if name not in kwargs and not has_default:
+            raise ConfigError(f"{_join(prefix, name)}: missing required key")
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    """`value` checked against (and, where lossless, converted to) the annotation `tp`."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union or origin is types.UnionType:
+        return _convert_union(tp, value, key)
+    if origin is typing.Literal:
+        return _convert_literal(tp, value, key)
+    if dataclasses.is_dataclass(tp):
+        return value if isinstance(value, tp) else from_dict(tp, value, key)
+    if origin in (tuple, list) or tp in (tuple, list):
+        return _convert_sequence(tp, value, key)
+    if origin is dict or tp is dict:
+        return _convert_mapping(tp, value, key)
+    return _convert_scalar(tp, value, key)
+
+
+def _convert_union(tp: Any, value: Any, key: str) -> Any:
+    options = typing.get_args(tp)
+    if value is None:
+        if _NONE in options:
+            return None
+        raise _type_error(tp, value, key)
+    concrete = [option for option in options if option is not _NONE]
+    if len(concrete) == 1:
+        return _convert(concrete[0], value, key)
+    for option in concrete:
+        try:
+            return _convert(option, value, key)
+        except ConfigError:
+            continue
+    raise _type_error(tp, value, key)
+
+
+def _convert_literal(tp: Any, value: Any, key: str) -> Any:
+    choices = typing.get_args(tp)
+    if any(type(value) is type(choice) and value == choice for choice in choices):
+        return value
+    raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _convert_sequence(tp: Any, value: Any, key: str) -> tuple | list:
+    """Lists or tuples; a mapping is accepted for a tuple of (name, value) pairs."""
+    kind = typing.get_origin(tp) or tp
+    if isinstance(value, Mapping) and _is_pair_tuple(tp):
+        return _convert_pairs(tp, value, key)
+    if not isinstance(value, (list, tuple)):
+        raise _type_error(tp, value, key)
+    item_types = _item_types(tp, len(value), key)
+    items = [_convert(t, v, f"{key}[{i}]") for i, (t, v) in enumerate(zip(item_types, value))]
+    return tuple(items) if kind is tuple else items
+
+
+def _item_types(tp: Any, length: int, key: str) -> list[Any]:
+    args = typing.get_args(tp)
+    if not args:
+        return [Any] * length
+    if typing.get_origin(tp) is list or (len(args) == 2 and args[1] is Ellipsis):
+        return [args[0]] * length
+    if args == ((),):  # tuple[()]
+        args = ()
+    if len(args) != length:
+        raise ConfigError(f"{key}: expected {len(args)} items ({_type_name(tp)}), got {length}")
+    return list(args)
+
+
+def _convert_pairs(tp: Any, value: Mapping[Any, Any], key: str) -> tuple:
+    name_type, item_type = typing.get_args(typing.get_args(tp)[0])
+    return tuple(
+        (_convert(name_type, name, key), _convert(item_type, item, f"{key}.{name}"))
+        for name, item in value.items()
+    )
+
+
+def _convert_mapping(tp: Any, value: Any, key: str) -> dict:
+    if not isinstance(value, Mapping):
+        raise _type_error(tp, value, key)
+    key_type, item_type = typing.get_args(tp) or (Any, Any)
+    return {
+        _convert(key_type, name, key): _convert(item_type, item, f"{key}.{name}")
+        for name, item in value.items()
+    }
+
+
+def _convert_scalar(tp: Any, value: Any, key: str) -> Any:
+    """Exact types, except that an int is accepted for a float; bools are never numbers."""
+    if typing.get_origin(tp) is not None or not isinstance(tp, type):
+        raise TypeError(f"{key}: unsupported config annotation {tp!r}")
+    if isinstance(value, bool) and tp is not bool:
+        raise _type_error(tp, value, key)
+    if tp is float and isinstance(value, int):
+        return float(value)
+    if isinstance(value, tp):
+        return value
+    raise _type_error(tp, value, key)
+
+
+def _is_pair_tuple(tp: Any) -> bool:
+    """Whether `tp` (or `tp | None`) is `tuple[tuple[str, X], ...]`."""
+    concrete = [a for a in typing.get_args(tp) if a is not _NONE]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(concrete) == 1:
+        tp = concrete[0]
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is not tuple or len(args) != 2 or args[1] is not Ellipsis:
+        return False
+    pair = typing.get_args(args[0])
+    return typing.get_origin(args[0]) is tuple and len(pair) == 2 and pair[0] is str
+
+
+# --- back to plain data -------------------------------------------------------------------
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain data (dicts, lists, scalars) that `from_dict` turns back into an equal config."""
+    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+        raise TypeError(f"{cfg!r} is not a dataclass instance")
+    hints = typing.get_type_hints(type(cfg))
+    return {
+        f.name: _to_plain(getattr(cfg, f.name), hints[f.name])
+        for f in dataclasses.fields(cfg)
+        if f.init
+    }
+
+
+def _to_plain(value: Any, tp: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_dict(value)
+    if isinstance(value, (tuple, list)):
+        if _is_pair_tuple(tp) and _unique_names(value):
+            return {name: _to_plain(item, Any) for name, item in value}
+        return [_to_plain(item, Any) for item in value]
+    if isinstance(value, Mapping):
+        return {name: _to_plain(item, Any) for name, item in value.items()}
+    return value
+
+
+def _unique_names(pairs: Sequence[tuple[str, Any]]) -> bool:
+    names = [name for name, _ in pairs]
+    return len(set(names)) == len(names)
+
+
+def dump_yaml(cfg: Any) -> str:
+    """`cfg` as YAML that `load_config` reads back into an equal config."""
+    return yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """Plain-data defaults of `cls`'s fields; dataclass fields without a default recurse."""
+    hints = typing.get_type_hints(cls)
+    tree: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        tp = hints[field.name]
+        if field.default is not _MISSING:
+            tree[field.name] = _to_plain(field.default, tp)
+        elif field.default_factory is not _MISSING:
+            tree[field.name] = _to_plain(field.default_factory(), tp)
+        elif dataclasses.is_dataclass(tp):
+            tree[field.name] = _defaults(tp)
+    return tree
+
+
+# --- presets and overrides ----------------------------------------------------------------
+
+_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`"codec.n_q=4"` -> `("codec.n_q", 4)`; the value is read as YAML (`[8, 6]`, `null`)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not _KEY_RE.fullmatch(key):
+        raise ConfigError(f"{text!r}: expected an override KEY=VALUE such as codec.n_q=4")
+    try:
+        return key, yaml.load(raw, Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{key}: cannot read value {raw!r}: {_yaml_problem(err)}") from err
+
+
+@overload
+def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> Config: ...
+
+
+@overload
+def load_config(
+    path: str | os.PathLike[str] | None, overrides: Sequence[str], cls: type[T]
+) -> T: ...
+
+
+def load_config(
+    path: str | os.PathLike[str] | None, overrides: Sequence[str] = (), cls: type = Config
+) -> Any:
+    """Reads the YAML preset at `path` (None: defaults), applies dotted overrides, builds `cls`."""
+    raw = _read_preset(Path(path)) if path is not None else {}
+    defaults = _defaults(cls)
+    for key, value in _parse_overrides(overrides).items():
+        _apply_override(raw, key, value, defaults)
+    return from_dict(cls, raw)
+
+
+def _read_preset(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The preset's data deep-merged over the presets its `base:` names (relative paths)."""
+    resolved = path.resolve()
+    if resolved in chain:
+        raise ConfigError(f"{path}: base: inheritance cycle through {path.name}")
+    data = _read_yaml(path)
+    merged: dict[str, Any] = {}
+    for base in _base_paths(data.pop("base", None), path):
+        merged = _deep_merge(merged, _read_preset(base, (*chain, resolved)))
+    return _deep_merge(merged, data)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config file: {err.strerror}") from err
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{_yaml_location(path, err)}: bad YAML: {_yaml_problem(err)}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {_describe(data)}")
+    return data
+
+
+def _yaml_location(path: Path, err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+
+
+def _base_paths(base: Any, path: Path) -> list[Path]:
+    if base is None:
+        return []
+    bases = [base] if isinstance(base, str) else base
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        got = _describe(base)
+        raise ConfigError(f"{path}: base: expected a path or a list of paths, got {got}")
+    return [path.parent / b for b in bases]
+
+
+def _deep_merge(under: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """`over` laid on `under`: mappings merge key by key, anything else replaces."""
+    merged = dict(under)
+    for name, value in over.items():
+        below = merged.get(name)
+        if isinstance(below, Mapping) and isinstance(value, Mapping):
+            merged[name] = _deep_merge(dict(below), value)
+        else:
+            merged[name] = value
+    return merged
+
+
+def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """Parsed overrides; one key given twice with different values, or a key and a key
+    inside it (`mesh.rules=...` with `mesh.rules.batch=...`), is an error."""
+    parsed: dict[str, Any] = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        if key in parsed and (type(parsed[key]), parsed[key]) != (type(value), value):
+            raise ConfigError(f"{key}: conflicting overrides {parsed[key]!r} and {value!r}")
+        parsed[key] = value
+    for key in parsed:
+        parts = key.split(".")
+        for depth in range(1, len(parts)):
+            outer = ".".join(parts[:depth])
+            if outer in parsed:
+                raise ConfigError(f"{key}: conflicting overrides ({outer} is set as well)")
+    return parsed
+
+
+def _apply_override(raw: dict[str, Any], key: str, value: Any, defaults: Mapping[str, Any]) -> None:
+    """Sets dotted `key` in `raw`; a section missing from `raw` starts from its defaults."""
+    parts = key.split(".")
+    node: dict[str, Any] = raw
+    default: Any = defaults
+    for depth, part in enumerate(parts[:-1]):
+        default = default.get(part) if isinstance(default, Mapping) else None
+        child = _section(node.get(part), default, key, ".".join(parts[: depth + 1]))
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _section(current: Any, default: Any, key: str, name: str) -> dict[str, Any]:
+    """The mapping found (or started) at `name` so that `key` can be set inside it."""
+    if isinstance(current, dict):
+        return current
+    if current is None:
+        if isinstance(default, Mapping):
+            return copy.deepcopy(dict(default))
+        if default is None:
+            return {}
+        current = default
+    if _is_pair_list(current):
+        return {pair[0]: pair[1] for pair in current}
+    raise ConfigError(f"{key}: cannot set a key inside {name}, which is {_describe(current)}")
+
+
+def _is_pair_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str) for p in value
+    )
+
+
+# --- messages -----------------------------------------------------------------------------
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    if close:
+        return f" (did you mean {close[0]}?)"
+    return f" (expected one of: {', '.join(choices)})"
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is None and isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "").replace("NoneType", "None")
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _type_error(tp: Any, value: Any, key: str) -> ConfigError:
+    return ConfigError(f"{key}: expected {_type_name(tp)}, got {_describe(value)}")

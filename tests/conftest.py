@@ -1,0 +1,11 @@
+"""Test set-up: eight simulated CPU devices (set before jax is imported) and the slow marker."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import pytest  # noqa: E402 - the device count must be set before anything imports jax
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: long-running test (deselect with -m 'not slow')")
