@@ -18,7 +18,9 @@ TINY = CodecConfig(
     frame_rate=50.0,
     n_q=4,
     seanet=SeanetConfig(dimension=32, n_filters=8, ratios=(5, 4, 4, 3)),
-    transformer=CodecTransformerConfig(d_model=32, num_heads=2, num_layers=2, dim_feedforward=64, context=16),
+    transformer=CodecTransformerConfig(
+        d_model=32, num_heads=2, num_layers=2, dim_feedforward=64, context=16
+    ),
     quantizer=QuantizerConfig(dimension=16, total_codebooks=4, bins=64),
 )
 FRAMES = 40
@@ -40,7 +42,9 @@ def model() -> Mimi:
 @pytest.fixture(scope="module")
 def wav() -> jax.Array:
     t = jnp.arange(TINY.frame_size * FRAMES) / TINY.sample_rate
-    tone = jnp.stack([jnp.sin(2 * jnp.pi * 220 * t), jnp.sin(2 * jnp.pi * 330 * t) * jnp.cos(3 * t)])
+    tone = jnp.stack(
+        [jnp.sin(2 * jnp.pi * 220 * t), jnp.sin(2 * jnp.pi * 330 * t) * jnp.cos(3 * t)]
+    )
     return 0.3 * tone + 0.05 * jax.random.normal(jax.random.key(0), tone.shape)
 
 
@@ -68,10 +72,16 @@ def test_streaming_equals_offline(model: Mimi, wav: jax.Array, offline, chunk_fr
     codes, audio = offline
     codec = StreamingCodec(model, batch_size=2)
     step = chunk_frames * TINY.frame_size
-    streamed = jnp.concatenate([codec.encode_chunk(wav[:, i : i + step]) for i in range(0, wav.shape[1], step)], -1)
+    streamed = jnp.concatenate(
+        [codec.encode_chunk(wav[:, i : i + step]) for i in range(0, wav.shape[1], step)], -1
+    )
     np.testing.assert_array_equal(streamed, codes)
     decoded = jnp.concatenate(
-        [codec.decode_chunk(codes[..., i : i + chunk_frames]) for i in range(0, FRAMES, chunk_frames)], -1
+        [
+            codec.decode_chunk(codes[..., i : i + chunk_frames])
+            for i in range(0, FRAMES, chunk_frames)
+        ],
+        -1,
     )
     np.testing.assert_allclose(decoded, audio, atol=1e-5)
 
@@ -110,11 +120,19 @@ def test_training_pass_updates_codebooks_and_gradients(wav: jax.Array):
     assert float(model.quantizer.rvq_rest.layers[0].initialized[...][0]) == 1.0
     enc_grad = grads["encoder"]["stages"][0]["kernel"][...]
     assert float(jnp.abs(enc_grad).sum()) > 0, "gradients reach the encoder through the quantizer"
-    assert not any(isinstance(v, nnx.Variable) and "embedding_sum" in str(p) for p, v in nnx.to_flat_state(grads))
+    assert not any(
+        isinstance(v, nnx.Variable) and "embedding_sum" in str(p)
+        for p, v in nnx.to_flat_state(grads)
+    )
 
 
 def test_quantizer_dropout_limits_codebooks(wav: jax.Array):
-    cfg = CodecConfig(**{**TINY.__dict__, "quantizer": QuantizerConfig(dimension=16, total_codebooks=4, bins=64, q_dropout=True)})
+    cfg = CodecConfig(
+        **{
+            **TINY.__dict__,
+            "quantizer": QuantizerConfig(dimension=16, total_codebooks=4, bins=64, q_dropout=True),
+        }
+    )
     model = Mimi(cfg, rngs=nnx.Rngs(0))
     latent = model.encode_latent(wav)
     full = model.quantizer.train_forward(latent, 4, jax.random.key(0))
@@ -127,7 +145,11 @@ def test_sharded_forward_equals_single_device(model: Mimi, wav: jax.Array, offli
         pytest.fail("tests need 8 simulated devices (tests/conftest.py sets XLA_FLAGS)")
     mesh = build_mesh(MeshConfig(ici_data=2, ici_fsdp=2, ici_tensor=2))
     sharded = shard_model(model, mesh, DEFAULT_RULES)
-    specs = {str(v.sharding.spec) for _, v in nnx.to_flat_state(nnx.state(sharded)) if hasattr(v[...], "sharding")}
+    specs = {
+        str(v.sharding.spec)
+        for _, v in nnx.to_flat_state(nnx.state(sharded))
+        if hasattr(v[...], "sharding")
+    }
     assert any("tensor" in s for s in specs), specs
     with jax.set_mesh(mesh):
         codes = jax.jit(lambda m, w: m.encode(w))(sharded, wav)

@@ -32,16 +32,32 @@ def _stream(module, state, x, chunks):
 
 @pytest.mark.parametrize(
     "kernel,stride,dilation,groups,pad_mode",
-    [(7, 1, 1, 1, "constant"), (3, 1, 2, 1, "constant"), (8, 4, 1, 1, "constant"),
-     (4, 2, 1, 1, "replicate"), (4, 2, 1, 6, "constant"), (1, 1, 1, 1, "constant")],
+    [
+        (7, 1, 1, 1, "constant"),
+        (3, 1, 2, 1, "constant"),
+        (8, 4, 1, 1, "constant"),
+        (4, 2, 1, 1, "replicate"),
+        (4, 2, 1, 6, "constant"),
+        (1, 1, 1, 1, "constant"),
+    ],
 )
 def test_conv1d_streaming_equals_offline(kernel, stride, dilation, groups, pad_mode):
-    conv = StreamingConv1d(6, 12, kernel, stride=stride, dilation=dilation, groups=groups,
-                           pad_mode=pad_mode, rngs=nnx.Rngs(0))
+    conv = StreamingConv1d(
+        6,
+        12,
+        kernel,
+        stride=stride,
+        dilation=dilation,
+        groups=groups,
+        pad_mode=pad_mode,
+        rngs=nnx.Rngs(0),
+    )
     x = jax.random.normal(jax.random.key(1), (3, 24 * stride, 6))
     offline = conv(x)
     assert offline.shape == (3, 24, 12)
-    _, streamed = _stream(conv, conv.init_state(3), x, [stride, 5 * stride, 2 * stride, 16 * stride])
+    _, streamed = _stream(
+        conv, conv.init_state(3), x, [stride, 5 * stride, 2 * stride, 16 * stride]
+    )
     np.testing.assert_allclose(streamed, offline, atol=1e-6)
 
 
@@ -56,13 +72,17 @@ def test_conv1d_matches_reference_convolution():
 
 
 def test_replicate_padding_uses_first_sample():
-    conv = StreamingConv1d(1, 1, 4, stride=2, use_bias=False, pad_mode="replicate", rngs=nnx.Rngs(0))
+    conv = StreamingConv1d(
+        1, 1, 4, stride=2, use_bias=False, pad_mode="replicate", rngs=nnx.Rngs(0)
+    )
     x = jnp.full((1, 4, 1), 3.0)
     w = float(conv.kernel[...].sum())
     np.testing.assert_allclose(conv(x)[0, :, 0], [3.0 * w, 3.0 * w], rtol=1e-6)
 
 
-@pytest.mark.parametrize("kernel,stride,groups", [(8, 4, 1), (4, 2, 6), (3, 1, 1), (5, 2, 2), (2, 2, 1)])
+@pytest.mark.parametrize(
+    "kernel,stride,groups", [(8, 4, 1), (4, 2, 6), (3, 1, 1), (5, 2, 2), (2, 2, 1)]
+)
 def test_conv_transpose_streaming_equals_offline(kernel, stride, groups):
     convtr = StreamingConvTranspose1d(6, 6, kernel, stride=stride, groups=groups, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 20, 6))
@@ -78,7 +98,7 @@ def test_conv_transpose_matches_scatter_reference():
     w, b = np.asarray(convtr.kernel[...]), np.asarray(convtr.bias[...])
     full = np.zeros((6 * 2 + 3, 3), np.float32)
     for t in range(6):
-        full[2 * t : 2 * t + 5] += np.einsum("c,kco->ko", x[0, t], w)
+        full[2 * t : 2 * t + 5] += np.einsum("c,koc->ko", x[0, t], w)
     np.testing.assert_allclose(convtr(jnp.asarray(x))[0], full[:12] + b, atol=1e-5)
 
 
@@ -118,8 +138,18 @@ def test_attention_ring_cache_equals_offline(context, capacity):
 
 
 def test_transformer_streaming_and_reset():
-    tr = Transformer(2, 16, context=5, num_heads=2, dim_feedforward=32, max_period=10000.0,
-                     layer_scale=0.1, gating=True, norm="rms_norm", rngs=nnx.Rngs(0))
+    tr = Transformer(
+        2,
+        16,
+        context=5,
+        num_heads=2,
+        dim_feedforward=32,
+        max_period=10000.0,
+        layer_scale=0.1,
+        gating=True,
+        norm="rms_norm",
+        rngs=nnx.Rngs(0),
+    )
     x = jax.random.normal(jax.random.key(1), (2, 12, 16))
     offline = tr(x)
     state, streamed = _stream(tr, tr.init_state(2), x, [2, 2, 8])
@@ -136,4 +166,4 @@ def test_transformer_streaming_and_reset():
 def test_gated_mlp_shape():
     mlp = GatedMlp(8, 12, rngs=nnx.Rngs(0))
     assert mlp(jnp.ones((1, 3, 8))).shape == (1, 3, 8)
-    assert mlp.linear_in.kernel.shape == (8, 24)
+    assert mlp.linear_in.kernel.shape == (24, 8)  # stored [out, in]

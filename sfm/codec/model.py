@@ -49,11 +49,25 @@ class Mimi(nnx.Module):
         self.encoder = SeanetEncoder(cfg.seanet, param_dtype=pd, rngs=rngs)
         self.encoder_transformer = _codec_transformer(cfg, rngs)
         self.downsample = StreamingConv1d(
-            dim, dim, 2 * stride, stride=stride, use_bias=False, pad_mode="replicate", param_dtype=pd, rngs=rngs
+            dim,
+            dim,
+            2 * stride,
+            stride=stride,
+            use_bias=False,
+            pad_mode="replicate",
+            param_dtype=pd,
+            rngs=rngs,
         )
         self.quantizer = SplitResidualVQ(dim, cfg.quantizer, rngs=rngs)
         self.upsample = StreamingConvTranspose1d(
-            dim, dim, 2 * stride, stride=stride, groups=dim, use_bias=False, param_dtype=pd, rngs=rngs
+            dim,
+            dim,
+            2 * stride,
+            stride=stride,
+            groups=dim,
+            use_bias=False,
+            param_dtype=pd,
+            rngs=rngs,
         )
         self.decoder_transformer = _codec_transformer(cfg, rngs)
         self.decoder = SeanetDecoder(cfg.seanet, param_dtype=pd, rngs=rngs)
@@ -92,10 +106,15 @@ class Mimi(nnx.Module):
             "downsample": self.downsample.init_state(batch),
         }
 
-    def encode_step(self, state: State, wav_bt: jax.Array, n_q: int | None = None) -> tuple[State, jax.Array]:
+    def encode_step(
+        self, state: State, wav_bt: jax.Array, n_q: int | None = None
+    ) -> tuple[State, jax.Array]:
         """Encode a chunk whose length is a multiple of the frame size."""
         if wav_bt.shape[1] % self.cfg.frame_size:
-            raise ValueError(f"encode_step: chunk of {wav_bt.shape[1]} samples is not a multiple of {self.cfg.frame_size}")
+            raise ValueError(
+                f"encode_step: chunk of {wav_bt.shape[1]} samples is not a multiple of "
+                f"{self.cfg.frame_size}"
+            )
         s_enc, x = self.encoder.step(state["encoder"], wav_bt[..., None])
         s_tr, x = self.encoder_transformer.step(state["transformer"], x)
         s_down, x = self.downsample.step(state["downsample"], x)

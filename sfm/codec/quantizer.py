@@ -37,7 +37,9 @@ class EuclideanCodebook(nnx.Module):
     def __init__(self, cfg: QuantizerConfig) -> None:
         self.cfg = cfg
         shape = (cfg.bins, cfg.dimension)
-        self.embedding_sum = CodebookStat(jnp.zeros(shape), out_sharding=("codebook_entries", "codebook_dim"))
+        self.embedding_sum = CodebookStat(
+            jnp.zeros(shape), out_sharding=("codebook_entries", "codebook_dim")
+        )
         self.cluster_usage = CodebookStat(jnp.ones((cfg.bins,)), out_sharding=("codebook_entries",))
         self.initialized = CodebookStat(jnp.zeros((1,)), out_sharding=(None,))
 
@@ -61,7 +63,7 @@ class EuclideanCodebook(nnx.Module):
         return jnp.take(self.embedding, codes, axis=0)
 
     def update_ema(self, x_nd: jax.Array, codes_n: jax.Array, key: jax.Array) -> jax.Array:
-        """EMA step on a batch of vectors and their codes; returns the fraction of codes replaced."""
+        """EMA step on vectors and their codes; returns the fraction of codes replaced."""
         cfg = self.cfg
         x_nd = jax.lax.stop_gradient(x_nd.astype(jnp.float32))
         first = self.initialized[...][0] == 0
@@ -87,8 +89,12 @@ class ResidualVQ(nnx.Module):
     """Projection in -> residual quantization over `n_q` codebooks -> projection out."""
 
     def __init__(self, n_q: int, input_dim: int, cfg: QuantizerConfig, *, rngs: nnx.Rngs) -> None:
-        self.input_proj = Linear(input_dim, cfg.dimension, axes=("embed", "codebook_dim"), rngs=rngs)
-        self.output_proj = Linear(cfg.dimension, input_dim, axes=("codebook_dim", "embed"), rngs=rngs)
+        self.input_proj = Linear(
+            input_dim, cfg.dimension, axes=("embed", "codebook_dim"), rngs=rngs
+        )
+        self.output_proj = Linear(
+            cfg.dimension, input_dim, axes=("codebook_dim", "embed"), rngs=rngs
+        )
         self.layers = nnx.List([EuclideanCodebook(cfg) for _ in range(n_q)])
 
     def encode(self, x_btd: jax.Array, n_q: int) -> jax.Array:
@@ -101,7 +107,10 @@ class ResidualVQ(nnx.Module):
         return jnp.stack(codes, axis=1)  # [B, K, T]
 
     def decode(self, codes_bkt: jax.Array) -> jax.Array:
-        quantized = sum(layer.decode(codes_bkt[:, i]) for i, layer in enumerate(self.layers[: codes_bkt.shape[1]]))
+        quantized = sum(
+            layer.decode(codes_bkt[:, i])
+            for i, layer in enumerate(self.layers[: codes_bkt.shape[1]])
+        )
         return self.output_proj(quantized)
 
     def train_forward(self, x_btd: jax.Array, n_q: jax.Array, key: jax.Array) -> QuantizeResult:
@@ -114,7 +123,11 @@ class ResidualVQ(nnx.Module):
             q = layer.decode(c)
             keep = (i < n_q).astype(x.dtype)
             losses.append(keep * jnp.mean(jnp.square(residual - jax.lax.stop_gradient(q))))
-            expired.append(layer.update_ema(residual.reshape(-1, x.shape[-1]), c.reshape(-1), jax.random.fold_in(key, i)))
+            expired.append(
+                layer.update_ema(
+                    residual.reshape(-1, x.shape[-1]), c.reshape(-1), jax.random.fold_in(key, i)
+                )
+            )
             residual = residual - keep * jax.lax.stop_gradient(q)
             quantized = quantized + keep * jax.lax.stop_gradient(q)
             codes.append(c)
@@ -130,7 +143,9 @@ class SplitResidualVQ(nnx.Module):
     def __init__(self, input_dim: int, cfg: QuantizerConfig, *, rngs: nnx.Rngs) -> None:
         self.cfg = cfg
         self.rvq_first = ResidualVQ(cfg.n_q_semantic, input_dim, cfg, rngs=rngs)
-        self.rvq_rest = ResidualVQ(cfg.total_codebooks - cfg.n_q_semantic, input_dim, cfg, rngs=rngs)
+        self.rvq_rest = ResidualVQ(
+            cfg.total_codebooks - cfg.n_q_semantic, input_dim, cfg, rngs=rngs
+        )
 
     def encode(self, x_btd: jax.Array, n_q: int) -> jax.Array:
         ns = self.cfg.n_q_semantic

@@ -16,7 +16,9 @@ State = Any
 class ResnetBlock(nnx.Module):
     """x + conv1x1(elu(conv_k(elu(x)))) with a dim // compress bottleneck (true skip)."""
 
-    def __init__(self, dim: int, dilation: int, cfg: SeanetConfig, *, param_dtype: str, rngs: nnx.Rngs):
+    def __init__(
+        self, dim: int, dilation: int, cfg: SeanetConfig, *, param_dtype: str, rngs: nnx.Rngs
+    ):
         hidden = dim // cfg.compress
         kw: dict[str, Any] = dict(pad_mode=cfg.pad_mode, param_dtype=param_dtype, rngs=rngs)
         self.conv1 = StreamingConv1d(dim, hidden, cfg.residual_kernel_size, dilation=dilation, **kw)
@@ -70,7 +72,9 @@ class SeanetEncoder(_Stack):
         for ratio in reversed(cfg.ratios):
             for j in range(cfg.n_residual_layers):
                 stages.append(
-                    ResnetBlock(mult * nf, cfg.dilation_base**j, cfg, param_dtype=param_dtype, rngs=rngs)
+                    ResnetBlock(
+                        mult * nf, cfg.dilation_base**j, cfg, param_dtype=param_dtype, rngs=rngs
+                    )
                 )
             stages.append(_Elu())
             stages.append(StreamingConv1d(mult * nf, 2 * mult * nf, 2 * ratio, stride=ratio, **kw))
@@ -87,17 +91,30 @@ class SeanetDecoder(_Stack):
         kw: dict[str, Any] = dict(pad_mode=cfg.pad_mode, param_dtype=param_dtype, rngs=rngs)
         nf = cfg.n_filters
         mult = 2 ** len(cfg.ratios)
-        stages: list[nnx.Module] = [StreamingConv1d(cfg.dimension, mult * nf, cfg.kernel_size, **kw)]
+        stages: list[nnx.Module] = [
+            StreamingConv1d(cfg.dimension, mult * nf, cfg.kernel_size, **kw)
+        ]
         for ratio in cfg.ratios:
             stages.append(_Elu())
             stages.append(
                 StreamingConvTranspose1d(
-                    mult * nf, mult * nf // 2, 2 * ratio, stride=ratio, param_dtype=param_dtype, rngs=rngs
+                    mult * nf,
+                    mult * nf // 2,
+                    2 * ratio,
+                    stride=ratio,
+                    param_dtype=param_dtype,
+                    rngs=rngs,
                 )
             )
             for j in range(cfg.n_residual_layers):
                 stages.append(
-                    ResnetBlock(mult * nf // 2, cfg.dilation_base**j, cfg, param_dtype=param_dtype, rngs=rngs)
+                    ResnetBlock(
+                        mult * nf // 2,
+                        cfg.dilation_base**j,
+                        cfg,
+                        param_dtype=param_dtype,
+                        rngs=rngs,
+                    )
                 )
             mult //= 2
         stages.append(_Elu())

@@ -53,10 +53,18 @@ class StreamingCodec:
 
     def encode_chunk(self, wav_bt: jax.Array) -> jax.Array:
         """[B, k * frame_size] audio -> [B, n_q, k] codes."""
-        self._enc_state, codes = _encode(self._graphdef, self._params, self._enc_state, jnp.asarray(wav_bt, jnp.float32), self.n_q)
+        self._enc_state, codes = _encode(
+            self._graphdef,
+            self._params,
+            self._enc_state,
+            jnp.asarray(wav_bt, jnp.float32),
+            self.n_q,
+        )
         return codes
 
     def decode_chunk(self, codes_bkt: jax.Array) -> jax.Array:
         """[B, K, k] codes -> [B, k * frame_size] audio."""
-        self._dec_state, wav = _decode(self._graphdef, self._params, self._dec_state, jnp.asarray(codes_bkt, jnp.int32))
+        self._dec_state, wav = _decode(
+            self._graphdef, self._params, self._dec_state, jnp.asarray(codes_bkt, jnp.int32)
+        )
         return wav

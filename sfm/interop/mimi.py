@@ -1,7 +1,7 @@
 """Import/export Mimi weights in Kyutai's safetensors layout.
 
 PyTorch stores conv kernels [out, in, k], transposed-conv kernels [in, out/groups, k] and
-linears [out, in]; sfm stores [k, in, out], [k, in, out/groups] and [in, out]. The key map
+linears [out, in]; sfm stores [k, in, out], [k, out, in/groups] and [out, in]. The key map
 is derived from the config, so a reduced Mimi converts the same way as the full one.
 """
 
@@ -19,13 +19,15 @@ from sfm.codec.model import Mimi
 Array = np.ndarray
 Entry = tuple[str, str, str]  # (kyutai key, sfm state path, layout kind)
 
-# kind -> (torch -> sfm, sfm -> torch)
+# kind -> (torch -> sfm, sfm -> torch). Transposed convs: torch [in, out/g, k] -> sfm
+# [k, out, in/g]; for the depthwise upsample (in = out = groups) that is [k, channels, 1].
 _LAYOUTS: dict[str, tuple[Callable[[Array], Array], Callable[[Array], Array]]] = {
     "copy": (lambda w: w, lambda w: w),
     "conv": (lambda w: w.transpose(2, 1, 0), lambda w: w.transpose(2, 1, 0)),
-    "convtr": (lambda w: w.transpose(2, 0, 1), lambda w: w.transpose(1, 2, 0)),
-    "linear": (lambda w: w.T, lambda w: w.T),
-    "proj1x1": (lambda w: w[:, :, 0].T, lambda w: w.T[:, :, None]),
+    "convtr": (lambda w: w.transpose(2, 1, 0), lambda w: w.transpose(2, 1, 0)),
+    "convtr_depthwise": (lambda w: w.transpose(2, 0, 1), lambda w: w.transpose(1, 2, 0)),
+    "linear": (lambda w: w, lambda w: w),
+    "proj1x1": (lambda w: w[:, :, 0], lambda w: w[:, :, None]),
 }
 # Older checkpoints name the fused attention projections differently; all are accepted.
 _ALIASES = {
@@ -52,7 +54,11 @@ def _seanet(prefix: str, cfg: CodecConfig, decoder: bool) -> Iterator[Entry]:
         blocks = [*range(i + 1, i + 1 + s.n_residual_layers)]
         if decoder:  # ELU, transposed conv, then residual blocks
             i += 2
-            yield f"{prefix}.model.{i}.convtr.convtr.weight", f"{prefix}/stages/{i}/kernel", "convtr"
+            yield (
+                f"{prefix}.model.{i}.convtr.convtr.weight",
+                f"{prefix}/stages/{i}/kernel",
+                "convtr",
+            )
             yield f"{prefix}.model.{i}.convtr.convtr.bias", f"{prefix}/stages/{i}/bias", "copy"
             blocks = [*range(i + 1, i + 1 + s.n_residual_layers)]
             i += s.n_residual_layers
@@ -83,7 +89,10 @@ def _transformer(prefix: str, cfg: CodecConfig) -> Iterator[Entry]:
 
 def _quantizer(cfg: CodecConfig) -> Iterator[Entry]:
     q = cfg.quantizer
-    for name, n in (("rvq_first", q.n_q_semantic), ("rvq_rest", q.total_codebooks - q.n_q_semantic)):
+    for name, n in (
+        ("rvq_first", q.n_q_semantic),
+        ("rvq_rest", q.total_codebooks - q.n_q_semantic),
+    ):
         t, p = f"quantizer.{name}", f"quantizer/{name}"
         yield f"{t}.input_proj.weight", f"{p}/input_proj/kernel", "proj1x1"
         yield f"{t}.output_proj.weight", f"{p}/output_proj/kernel", "proj1x1"
@@ -101,7 +110,7 @@ def key_map(cfg: CodecConfig) -> list[Entry]:
         *_transformer("encoder_transformer", cfg),
         ("downsample.conv.conv.conv.weight", "downsample/kernel", "conv"),
         *_quantizer(cfg),
-        ("upsample.convtr.convtr.convtr.weight", "upsample/kernel", "convtr"),
+        ("upsample.convtr.convtr.convtr.weight", "upsample/kernel", "convtr_depthwise"),
         *_transformer("decoder_transformer", cfg),
         *_seanet("decoder", cfg, decoder=True),
     ]
@@ -110,9 +119,19 @@ def key_map(cfg: CodecConfig) -> list[Entry]:
 def _fold_weight_norm(tensors: dict[str, Array]) -> dict[str, Array]:
     """Replace weight-norm pairs (g, v) by the plain weight g * v / ||v|| (norm over dims 1..)."""
     out = dict(tensors)
-    for g_key in [k for k in tensors if k.endswith(("weight_g", "parametrizations.weight.original0"))]:
-        base = g_key.rsplit(".weight_g", 1)[0] if g_key.endswith("weight_g") else g_key.split(".parametrizations.")[0]
-        v_key = f"{base}.weight_v" if g_key.endswith("weight_g") else f"{base}.parametrizations.weight.original1"
+    for g_key in [
+        k for k in tensors if k.endswith(("weight_g", "parametrizations.weight.original0"))
+    ]:
+        base = (
+            g_key.rsplit(".weight_g", 1)[0]
+            if g_key.endswith("weight_g")
+            else g_key.split(".parametrizations.")[0]
+        )
+        v_key = (
+            f"{base}.weight_v"
+            if g_key.endswith("weight_g")
+            else f"{base}.parametrizations.weight.original1"
+        )
         g, v = out.pop(g_key), out.pop(v_key)
         norm = np.sqrt(np.sum(np.square(v), axis=tuple(range(1, v.ndim)), keepdims=True))
         out[f"{base}.weight"] = (g * v / norm).astype(v.dtype)
@@ -129,7 +148,9 @@ def _lookup(tensors: Mapping[str, Array], key: str) -> tuple[str, Array] | None:
     return (key, tensors[key]) if key in tensors else None
 
 
-def torch_to_sfm(tensors: Mapping[str, Array], cfg: CodecConfig, *, source: str = "checkpoint") -> dict[str, Array]:
+def torch_to_sfm(
+    tensors: Mapping[str, Array], cfg: CodecConfig, *, source: str = "checkpoint"
+) -> dict[str, Array]:
     """Kyutai state dict -> {sfm path: array}; fails on missing, unexpected or misshapen keys."""
     tensors = _fold_weight_norm(dict(tensors))
     used: set[str] = set()
@@ -137,18 +158,26 @@ def torch_to_sfm(tensors: Mapping[str, Array], cfg: CodecConfig, *, source: str 
     for tkey, path, kind in key_map(cfg):
         found = _lookup(tensors, tkey)
         if found is None:
-            raise InteropError(f"{source}: missing key {tkey} (does the codec config match the checkpoint?)")
+            raise InteropError(
+                f"{source}: missing key {tkey} (does the codec config match the checkpoint?)"
+            )
         used.add(found[0])
         out[path] = _LAYOUTS[kind][0](np.asarray(found[1]))
     extra = sorted(set(tensors) - used)
     if extra:
-        raise InteropError(f"{source}: {len(extra)} unexpected keys, first {extra[0]} (codec config smaller than the checkpoint?)")
+        raise InteropError(
+            f"{source}: {len(extra)} unexpected keys, first {extra[0]} "
+            "(is the codec config smaller than the checkpoint?)"
+        )
     return out
 
 
 def sfm_to_torch(flat: Mapping[str, Array], cfg: CodecConfig) -> dict[str, Array]:
     """{sfm path: array} -> Kyutai state dict (fused attention keys named `in_proj_weight`)."""
-    return {tkey: np.ascontiguousarray(_LAYOUTS[kind][1](np.asarray(flat[path]))) for tkey, path, kind in key_map(cfg)}
+    return {
+        tkey: np.ascontiguousarray(_LAYOUTS[kind][1](np.asarray(flat[path])))
+        for tkey, path, kind in key_map(cfg)
+    }
 
 
 def model_to_flat(model: Mimi) -> dict[str, Array]:
@@ -164,7 +193,10 @@ def load_flat_into(model: Mimi, flat: Mapping[str, Array], *, source: str = "che
         key = "/".join(str(p) for p in path)
         value = flat[key]
         if tuple(value.shape) != tuple(var.shape):
-            raise InteropError(f"{source}: {key} has shape {tuple(value.shape)}, the config expects {tuple(var.shape)}")
+            raise InteropError(
+                f"{source}: {key} has shape {tuple(value.shape)}, "
+                f"the config expects {tuple(var.shape)}"
+            )
         var[...] = value.astype(var[...].dtype)
     nnx.update(model, state)
 

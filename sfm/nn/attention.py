@@ -34,7 +34,9 @@ class MultiHeadAttention(nnx.Module):
     ) -> None:
         self.dim, self.num_heads = dim, num_heads
         self.context, self.max_period = context, max_period
-        self.in_proj = Linear(dim, 3 * dim, axes=("embed", "qkv"), param_dtype=param_dtype, rngs=rngs)
+        self.in_proj = Linear(
+            dim, 3 * dim, axes=("embed", "qkv"), param_dtype=param_dtype, rngs=rngs
+        )
         self.out_proj = Linear(dim, dim, axes=("qkv", "embed"), param_dtype=param_dtype, rngs=rngs)
 
     def init_state(self, batch: int, capacity: int, dtype: Any = jnp.float32) -> State:

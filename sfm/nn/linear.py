@@ -14,7 +14,11 @@ def _dtype(name: str) -> jnp.dtype:
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias); kernel is [in, out] with logical axes `axes`."""
+    """y = x @ kernel.T (+ bias); `axes` names (in, out), the kernel is stored [out, in].
+
+    The [out, in] layout lets XLA:CPU stream weight rows in its matrix-vector kernel, which
+    is ~8x faster than [in, out] for the few-token steps of streaming inference.
+    """
 
     def __init__(
         self,
@@ -28,9 +32,9 @@ class Linear(nnx.Module):
     ) -> None:
         bound = 1.0 / in_features**0.5
         init = jax.random.uniform(
-            rngs.params(), (in_features, out_features), _dtype(param_dtype), -bound, bound
+            rngs.params(), (out_features, in_features), _dtype(param_dtype), -bound, bound
         )
-        self.kernel = nnx.Param(init, out_sharding=axes)
+        self.kernel = nnx.Param(init, out_sharding=(axes[1], axes[0]))
         self.bias = (
             nnx.Param(jnp.zeros((out_features,), _dtype(param_dtype)), out_sharding=axes[1:])
             if use_bias
@@ -38,7 +42,7 @@ class Linear(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("...i,io->...o", x, self.kernel[...].astype(x.dtype))
+        y = jnp.einsum("...i,oi->...o", x, self.kernel[...].astype(x.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         return y

@@ -12,8 +12,12 @@ class Mlp(nnx.Module):
     """linear2(gelu(linear1(x))), no biases (Mimi's transformer)."""
 
     def __init__(self, dim: int, hidden: int, *, param_dtype: str = "float32", rngs: nnx.Rngs):
-        self.linear1 = Linear(dim, hidden, axes=("embed", "mlp"), param_dtype=param_dtype, rngs=rngs)
-        self.linear2 = Linear(hidden, dim, axes=("mlp", "embed"), param_dtype=param_dtype, rngs=rngs)
+        self.linear1 = Linear(
+            dim, hidden, axes=("embed", "mlp"), param_dtype=param_dtype, rngs=rngs
+        )
+        self.linear2 = Linear(
+            hidden, dim, axes=("mlp", "embed"), param_dtype=param_dtype, rngs=rngs
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.linear2(jax.nn.gelu(self.linear1(x), approximate=False))

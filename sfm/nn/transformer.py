@@ -37,7 +37,12 @@ class TransformerLayer(nnx.Module):
         norm_cls = LayerNorm if norm == "layer_norm" else RMSNorm
         self.norm1 = norm_cls(dim, eps=norm_eps, param_dtype=param_dtype)
         self.self_attn = MultiHeadAttention(
-            dim, num_heads, context=context, max_period=max_period, param_dtype=param_dtype, rngs=rngs
+            dim,
+            num_heads,
+            context=context,
+            max_period=max_period,
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
         self.norm2 = norm_cls(dim, eps=norm_eps, param_dtype=param_dtype)
         mlp_cls = GatedMlp if gating else Mlp
@@ -64,7 +69,9 @@ class TransformerLayer(nnx.Module):
 class Transformer(nnx.Module):
     """A stack of layers; positions come from a per-item offset so sessions reset independently."""
 
-    def __init__(self, num_layers: int, dim: int, *, context: int | None, rngs: nnx.Rngs, **kw: Any):
+    def __init__(
+        self, num_layers: int, dim: int, *, context: int | None, rngs: nnx.Rngs, **kw: Any
+    ):
         self.dim, self.context = dim, context
         self.layers = nnx.List(
             [TransformerLayer(dim, context=context, rngs=rngs, **kw) for _ in range(num_layers)]
@@ -77,7 +84,9 @@ class Transformer(nnx.Module):
             x_btd = layer(x_btd, pos_bt)
         return x_btd
 
-    def init_state(self, batch: int, capacity: int | None = None, dtype: Any = jnp.float32) -> State:
+    def init_state(
+        self, batch: int, capacity: int | None = None, dtype: Any = jnp.float32
+    ) -> State:
         """KV caches of `capacity` steps (default: the attention context)."""
         cap = capacity or self.context
         if cap is None:
