@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sfm.codec.config import QuantizerConfig
+from sfm.nn.init import normal
 from sfm.nn.linear import Linear
 
 
@@ -34,11 +35,11 @@ class QuantizeResult:
 class EuclideanCodebook(nnx.Module):
     """Nearest-centroid lookup over `bins` entries of size `dim`."""
 
-    def __init__(self, cfg: QuantizerConfig) -> None:
+    def __init__(self, cfg: QuantizerConfig, *, rngs: nnx.Rngs) -> None:
         self.cfg = cfg
         shape = (cfg.bins, cfg.dimension)
         self.embedding_sum = CodebookStat(
-            jnp.zeros(shape), out_sharding=("codebook_entries", "codebook_dim")
+            normal(rngs, shape), out_sharding=("codebook_entries", "codebook_dim")
         )
         self.cluster_usage = CodebookStat(jnp.ones((cfg.bins,)), out_sharding=("codebook_entries",))
         self.initialized = CodebookStat(jnp.zeros((1,)), out_sharding=(None,))
@@ -95,7 +96,7 @@ class ResidualVQ(nnx.Module):
         self.output_proj = Linear(
             cfg.dimension, input_dim, axes=("codebook_dim", "embed"), rngs=rngs
         )
-        self.layers = nnx.List([EuclideanCodebook(cfg) for _ in range(n_q)])
+        self.layers = nnx.List([EuclideanCodebook(cfg, rngs=rngs) for _ in range(n_q)])
 
     def encode(self, x_btd: jax.Array, n_q: int) -> jax.Array:
         residual = self.input_proj(x_btd)

@@ -14,12 +14,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sfm.nn import init
+
 State = dict[str, Any]
 
 
 def _uniform(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, dtype: str) -> jax.Array:
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(rngs.params(), shape, jnp.dtype(dtype), -bound, bound)
+    return init.uniform(rngs, shape, 1.0 / math.sqrt(fan_in), dtype)
 
 
 class StreamingConv1d(nnx.Module):

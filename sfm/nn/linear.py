@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sfm.nn.init import uniform
+
 Axes = tuple[str | None, ...]
 
 
@@ -31,9 +33,7 @@ class Linear(nnx.Module):
         rngs: nnx.Rngs,
     ) -> None:
         bound = 1.0 / in_features**0.5
-        init = jax.random.uniform(
-            rngs.params(), (out_features, in_features), _dtype(param_dtype), -bound, bound
-        )
+        init = uniform(rngs, (out_features, in_features), bound, param_dtype)
         self.kernel = nnx.Param(init, out_sharding=(axes[1], axes[0]))
         self.bias = (
             nnx.Param(jnp.zeros((out_features,), _dtype(param_dtype)), out_sharding=axes[1:])
