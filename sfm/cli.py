@@ -1,0 +1,208 @@
+"""`sfm <command>`: parses arguments and calls the library; user errors become one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+
+from sfm import quickstart
+from sfm.audio import AudioError, load_audio, save_audio
+from sfm.checkpoint_io import CheckpointError
+from sfm.codec.streaming import StreamingCodec
+from sfm.codec_files import (
+    CodesError,
+    bitrate_kbps,
+    build_codec,
+    decode_codes,
+    encode_wav,
+    format_rows,
+    load_codes,
+    load_run_config,
+    roundtrip,
+    save_codes,
+    streaming_codec,
+    warm_up,
+)
+from sfm.config import Config, ConfigError
+
+EXIT_USER_ERROR = 2
+CACHE_ENV = "SFM_COMPILE_CACHE"
+
+
+def enable_compile_cache() -> None:
+    """Keep compiled programs on disk so that later runs start in seconds, not a minute.
+
+    The directory is $SFM_COMPILE_CACHE (`off` disables), else ~/.cache/sfm/jax; a cache
+    the user configured for JAX directly is left alone.
+    """
+    setting = os.environ.get(CACHE_ENV, "")
+    if setting.lower() == "off" or jax.config.jax_compilation_cache_dir:
+        return
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    jax.config.update("jax_compilation_cache_dir", setting or str(cache_home / "sfm" / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    compilation_cache.reset_cache()  # take effect even if something compiled already
+
+
+def _codec_options(p: argparse.ArgumentParser, channel: bool) -> None:
+    """Options shared by the codec subcommands: config, checkpoint, overrides."""
+    p.add_argument(
+        "--config",
+        default=None,
+        help="codec preset name (tiny, mimi) or YAML path; "
+        "default: the checkpoint's stored config, else mimi",
+    )
+    p.add_argument("--checkpoint", default=None, help="safetensors parameters (default: random)")
+    if channel:
+        p.add_argument(
+            "--channel",
+            type=int,
+            default=None,
+            help="use this channel of a multi-channel file (default: mix to mono)",
+        )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides such as codec.n_q=4",
+    )
+
+
+def _codec(cfg: Config, args: argparse.Namespace) -> StreamingCodec:
+    """The streaming codec of `cfg`, with --checkpoint's parameters when given."""
+    return streaming_codec(build_codec(cfg, args.checkpoint))
+
+
+def _config(args: argparse.Namespace) -> Config:
+    """The config that --config, --checkpoint and the overrides describe."""
+    return load_run_config(args.config, args.checkpoint, args.overrides)
+
+
+def _encode(args: argparse.Namespace) -> None:
+    """`sfm codec encode`: audio file -> code file (inputs are checked before building)."""
+    cfg = _config(args)
+    wav_t = load_audio(args.input, cfg.codec.sample_rate, args.channel)
+    codes_kt = encode_wav(_codec(cfg, args), wav_t)
+    save_codes(args.output, codes_kt, cfg.codec, wav_t.shape[0])
+    print(
+        f"{args.output}: {codes_kt.shape[1]} frames x {codes_kt.shape[0]} codebooks "
+        f"({bitrate_kbps(cfg.codec):.3f} kbps)"
+    )
+
+
+def _decode(args: argparse.Namespace) -> None:
+    """`sfm codec decode`: code file -> WAV."""
+    cfg = _config(args)
+    code_file = load_codes(args.input, cfg.codec)
+    wav_t = decode_codes(_codec(cfg, args), code_file.codes_kt, code_file.n_samples)
+    save_audio(args.output, wav_t, cfg.codec.sample_rate)
+    print(
+        f"{args.output}: {wav_t.shape[0] / cfg.codec.sample_rate:.2f} s "
+        f"at {cfg.codec.sample_rate} Hz"
+    )
+
+
+def _roundtrip(args: argparse.Namespace) -> None:
+    """`sfm codec roundtrip`: encode + decode one file and print the report."""
+    cfg = _config(args)
+    wav_t = load_audio(args.input, cfg.codec.sample_rate, args.channel)
+    codec = _codec(cfg, args)
+    warm_up(codec)
+    out_t, report = roundtrip(codec, wav_t)
+    if args.out is not None:
+        save_audio(args.out, out_t, cfg.codec.sample_rate)
+    print(format_rows(report.rows()))
+
+
+def _quickstart(args: argparse.Namespace) -> None:
+    """`sfm quickstart`: the espeak-ng sentence through the tiny codec."""
+    quickstart.main(Path(args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `sfm` argument parser; each leaf sets `run` to its command function."""
+    parser = argparse.ArgumentParser(prog="sfm", description="Speech foundation model tools.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    codec = commands.add_parser("codec", help="encode audio to codes and back")
+    codec_cmds = codec.add_subparsers(dest="codec_command", required=True, metavar="ACTION")
+
+    enc = codec_cmds.add_parser("encode", help="audio file -> codes (.npz)")
+    enc.add_argument("input", help="audio file (any rate; mixed to mono)")
+    enc.add_argument("output", help="code file to write (.npz)")
+    _codec_options(enc, channel=True)
+    enc.set_defaults(run=_encode)
+
+    dec = codec_cmds.add_parser("decode", help="codes (.npz) -> WAV")
+    dec.add_argument("input", help="code file written by `sfm codec encode`")
+    dec.add_argument("output", help="WAV file to write")
+    _codec_options(dec, channel=False)
+    dec.set_defaults(run=_decode)
+
+    rt = codec_cmds.add_parser("roundtrip", help="encode + decode; print quality and bitrate")
+    rt.add_argument("input", help="audio file")
+    rt.add_argument("--out", default=None, help="also write the decoded audio here")
+    _codec_options(rt, channel=True)
+    rt.set_defaults(run=_roundtrip)
+
+    quick = commands.add_parser("quickstart", help="speak a sentence through the tiny codec")
+    quick.add_argument("--out", default="out/quickstart", help="where to write the WAVs")
+    quick.set_defaults(run=_quickstart)
+    return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse, letting KEY=VALUE overrides also follow the options."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
+# Exceptions that mean bad input rather than a bug: one line, no traceback.
+USER_ERRORS = (
+    AudioError,
+    CheckpointError,
+    ConfigError,
+    CodesError,
+    quickstart.QuickstartError,
+    OSError,
+)
+
+
+def _one_line(err: Exception) -> str:
+    """The error as a single line; OS errors as '<file>: <reason>'."""
+    if isinstance(err, OSError) and err.filename is not None:
+        text = f"{err.filename}: {err.strerror or err}"
+    else:
+        text = str(err)
+    return " ".join(text.split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `sfm` command; returns the exit status (2 for bad input)."""
+    parser = build_parser()
+    try:
+        args = _parse(parser, argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2), already printed
+        return 0 if exit_.code is None else int(exit_.code)
+    run: Callable[[argparse.Namespace], None] = args.run
+    enable_compile_cache()
+    try:
+        run(args)
+    except USER_ERRORS as err:
+        print(f"sfm: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("sfm: interrupted", file=sys.stderr)
+        return 130
+    return 0

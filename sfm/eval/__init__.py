@@ -1,0 +1,1 @@
+"""Evaluation metrics: codec, ASR, speech-LM and turn-taking."""
