@@ -18,14 +18,17 @@ from sfm.codec.model import Mimi
 from sfm.nn.streaming import reset_where
 
 
-@partial(jax.jit, static_argnums=(0, 4), donate_argnums=(2,))
-def _encode(graphdef: Any, params: Any, state: Any, wav_bt: jax.Array, n_q: int) -> Any:
-    return nnx.merge(graphdef, params).encode_step(state, wav_bt, n_q)
+# Parameters travel as a flat list of arrays (static treedef): flattening an nnx.State on
+# every call costs milliseconds of Python per frame, a list is flattened in C++.
+@partial(jax.jit, static_argnums=(0, 1, 5), donate_argnums=(3,))
+def _encode(graphdef: Any, treedef: Any, leaves: list, state: Any, wav: jax.Array, n_q: int) -> Any:
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+    return model.encode_step(state, wav, n_q)
 
 
-@partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _decode(graphdef: Any, params: Any, state: Any, codes_bkt: jax.Array) -> Any:
-    return nnx.merge(graphdef, params).decode_step(state, codes_bkt)
+@partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def _decode(graphdef: Any, treedef: Any, leaves: list, state: Any, codes: jax.Array) -> Any:
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves)).decode_step(state, codes)
 
 
 class StreamingCodec:
@@ -35,7 +38,8 @@ class StreamingCodec:
         self.cfg = model.cfg
         self.n_q = n_q or model.cfg.n_q
         self.batch_size = batch_size
-        self._graphdef, self._params = nnx.split(model)
+        self._graphdef, params = nnx.split(model)
+        self._leaves, self._treedef = jax.tree.flatten(params)
         self._fresh_encode = model.init_encode_state(batch_size)
         self._fresh_decode = model.init_decode_state(batch_size)
         self.reset()
@@ -55,7 +59,8 @@ class StreamingCodec:
         """[B, k * frame_size] audio -> [B, n_q, k] codes."""
         self._enc_state, codes = _encode(
             self._graphdef,
-            self._params,
+            self._treedef,
+            self._leaves,
             self._enc_state,
             jnp.asarray(wav_bt, jnp.float32),
             self.n_q,
@@ -65,6 +70,10 @@ class StreamingCodec:
     def decode_chunk(self, codes_bkt: jax.Array) -> jax.Array:
         """[B, K, k] codes -> [B, k * frame_size] audio."""
         self._dec_state, wav = _decode(
-            self._graphdef, self._params, self._dec_state, jnp.asarray(codes_bkt, jnp.int32)
+            self._graphdef,
+            self._treedef,
+            self._leaves,
+            self._dec_state,
+            jnp.asarray(codes_bkt, jnp.int32),
         )
         return wav

@@ -1,8 +1,8 @@
 """Causal multi-head self-attention with RoPE, a context window and a ring KV cache.
 
-Streaming attends over [cache ; new keys] before writing the new keys into the ring, so a
-step of any length equals the offline computation exactly (the cache never drops a key that
-a query of the current step may still see).
+Streaming attends over the cache and the new keys (one softmax over both) before writing
+the new keys into the ring, so a step of any length equals the offline computation exactly
+(the cache never drops a key that a query of the current step may still see).
 """
 
 from __future__ import annotations
@@ -40,11 +40,13 @@ class MultiHeadAttention(nnx.Module):
         self.out_proj = Linear(dim, dim, axes=("qkv", "embed"), param_dtype=param_dtype, rngs=rngs)
 
     def init_state(self, batch: int, capacity: int, dtype: Any = jnp.float32) -> State:
-        """Ring buffer of `capacity` keys/values; `pos` holds each slot's position (-1: empty)."""
+        """Ring buffer of `capacity` keys/values, head-major [B, H, capacity, D] so the cache
+        feeds the attention products without a transpose; `pos` holds each slot's position
+        (-1: empty)."""
         hd = self.dim // self.num_heads
         return {
-            "k": jnp.zeros((batch, capacity, self.num_heads, hd), dtype),
-            "v": jnp.zeros((batch, capacity, self.num_heads, hd), dtype),
+            "k": jnp.zeros((batch, self.num_heads, capacity, hd), dtype),
+            "v": jnp.zeros((batch, self.num_heads, capacity, hd), dtype),
             "pos": jnp.full((batch, capacity), -1, jnp.int32),
         }
 
@@ -57,29 +59,35 @@ class MultiHeadAttention(nnx.Module):
         return q, k, v
 
     def _attend(
-        self, q: jax.Array, k: jax.Array, v: jax.Array, pos_q: jax.Array, pos_k: jax.Array
+        self, q_bqhd: jax.Array, pos_bq: jax.Array, parts: list[tuple[jax.Array, ...]]
     ) -> jax.Array:
-        delta = pos_q[:, :, None] - pos_k[:, None, :]  # [B, Tq, Tk]
-        mask = (pos_k[:, None, :] >= 0) & (delta >= 0)
-        if self.context is not None:
-            mask &= delta < self.context
-        scale = (q.shape[-1]) ** -0.5
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
-        logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-        return self.out_proj(out.reshape(*out.shape[:2], self.dim))
+        """Softmax attention over the union of key sets `parts`, each (k_bhkd, v_bhkd, pos_bk)."""
+        scale = q_bqhd.shape[-1] ** -0.5
+        logits = []
+        for k, _, pos_k in parts:
+            delta = pos_bq[:, :, None] - pos_k[:, None, :]  # [B, Tq, Tk]
+            mask = (pos_k[:, None, :] >= 0) & (delta >= 0)
+            if self.context is not None:
+                mask &= delta < self.context
+            lg = jnp.einsum("bqhd,bhkd->bhqk", q_bqhd, k).astype(jnp.float32) * scale
+            logits.append(jnp.where(mask[:, None], lg, jnp.finfo(jnp.float32).min))
+        probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
+        out, start = 0.0, 0
+        for k, v, _ in parts:
+            p = probs[..., start : start + k.shape[2]].astype(v.dtype)
+            out = out + jnp.einsum("bhqk,bhkd->bqhd", p, v)
+            start += k.shape[2]
+        return self.out_proj(out.reshape(*q_bqhd.shape[:2], self.dim))
 
     def __call__(self, x_btd: jax.Array, pos_bt: jax.Array) -> jax.Array:
         q, k, v = self._qkv(x_btd, pos_bt)
-        return self._attend(q, k, v, pos_bt, pos_bt)
+        return self._attend(q, pos_bt, [(_heads_first(k), _heads_first(v), pos_bt)])
 
     def step(self, state: State, x_btd: jax.Array, pos_bt: jax.Array) -> tuple[State, jax.Array]:
+        """Attend over the cache and the new keys (two key sets, one softmax), then write."""
         q, k, v = self._qkv(x_btd, pos_bt)
-        keys = jnp.concatenate([state["k"].astype(k.dtype), k], axis=1)
-        values = jnp.concatenate([state["v"].astype(v.dtype), v], axis=1)
-        pos_k = jnp.concatenate([state["pos"], pos_bt], axis=1)
-        y = self._attend(q, keys, values, pos_bt, pos_k)
+        cache = (state["k"].astype(k.dtype), state["v"].astype(v.dtype), state["pos"])
+        y = self._attend(q, pos_bt, [cache, (_heads_first(k), _heads_first(v), pos_bt)])
         return self._write(state, k, v, pos_bt), y
 
     @staticmethod
@@ -90,8 +98,13 @@ class MultiHeadAttention(nnx.Module):
             k, v, pos_bt = k[:, -capacity:], v[:, -capacity:], pos_bt[:, -capacity:]
         slots = pos_bt % capacity  # [B, T]
         batch = jnp.arange(pos_bt.shape[0])[:, None]
+        # Advanced indices around a slice: the update is laid out [B, T, H, D], as k and v are.
         return {
-            "k": state["k"].at[batch, slots].set(k.astype(state["k"].dtype)),
-            "v": state["v"].at[batch, slots].set(v.astype(state["v"].dtype)),
+            "k": state["k"].at[batch, :, slots].set(k.astype(state["k"].dtype)),
+            "v": state["v"].at[batch, :, slots].set(v.astype(state["v"].dtype)),
             "pos": state["pos"].at[batch, slots].set(pos_bt),
         }
+
+
+def _heads_first(x_bthd: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x_bthd, 1, 2)
