@@ -123,7 +123,7 @@ def test_rope_is_relative():
     np.testing.assert_allclose(dots, dots[0], rtol=1e-5)
 
 
-@pytest.mark.parametrize("context,capacity", [(6, 6), (None, 40), (250, 250)])
+@pytest.mark.parametrize("context,capacity", [(6, 6), (6, 8), (None, 40), (250, 250), (250, 252)])
 def test_attention_ring_cache_equals_offline(context, capacity):
     attn = MultiHeadAttention(16, 2, context=context, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 30, 16))

@@ -98,11 +98,23 @@ class Mimi(nnx.Module):
         q = self.quantizer.train_forward(self.encode_latent(wav_bt), self.cfg.n_q, key)
         return self.decode_latent(q.quantized)[:, : wav_bt.shape[1]], q
 
+    def freeze_codebooks(self) -> None:
+        """Precompute every codebook's centroids for inference (see EuclideanCodebook.freeze)."""
+        for rvq in (self.quantizer.rvq_first, self.quantizer.rvq_rest):
+            for codebook in rvq.layers:
+                codebook.freeze()
+
     # ---- streaming -----------------------------------------------------------------------
+    @property
+    def _kv_capacity(self) -> int:
+        """Context plus the extra transformer steps of one frame: frame-by-frame streaming
+        then writes each step into the ring before attending, with no cache copy."""
+        return self.cfg.transformer.context + self.cfg.resample_stride - 1
+
     def init_encode_state(self, batch: int) -> State:
         return {
             "encoder": self.encoder.init_state(batch),
-            "transformer": self.encoder_transformer.init_state(batch),
+            "transformer": self.encoder_transformer.init_state(batch, self._kv_capacity),
             "downsample": self.downsample.init_state(batch),
         }
 
@@ -124,7 +136,7 @@ class Mimi(nnx.Module):
     def init_decode_state(self, batch: int) -> State:
         return {
             "upsample": self.upsample.init_state(batch),
-            "transformer": self.decoder_transformer.init_state(batch),
+            "transformer": self.decoder_transformer.init_state(batch, self._kv_capacity),
             "decoder": self.decoder.init_state(batch),
         }
 

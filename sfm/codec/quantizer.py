@@ -22,6 +22,10 @@ class CodebookStat(nnx.Variable):
     """A codebook statistic: updated by EMA in training, never by the optimizer."""
 
 
+class FrozenCentroids(nnx.Variable):
+    """Centroids and their squared norms precomputed for inference (see `freeze`)."""
+
+
 @dataclasses.dataclass
 class QuantizeResult:
     """Quantized latents [B, T, D], codes [B, K, T], commitment loss and metrics."""
@@ -44,18 +48,35 @@ class EuclideanCodebook(nnx.Module):
         self.cluster_usage = CodebookStat(jnp.ones((cfg.bins,)), out_sharding=("codebook_entries",))
         self.initialized = CodebookStat(jnp.zeros((1,)), out_sharding=(None,))
 
+    centroids: FrozenCentroids | None = None
+    sq_norms: FrozenCentroids | None = None
+
     @property
     def embedding(self) -> jax.Array:
+        if self.centroids is not None:
+            return self.centroids[...]
         usage = jnp.maximum(self.cluster_usage[...], self.cfg.epsilon)
         return self.embedding_sum[...] / usage[:, None]
 
+    def freeze(self) -> None:
+        """Store the centroids and their squared norms so that inference steps do not
+        recompute them from the EMA statistics on every call. Only for a model that is no
+        longer trained: use it on a copy made for serving (`nnx.merge(*nnx.split(model))`)."""
+        emb = self.embedding.astype(jnp.float32)
+        self.centroids = FrozenCentroids(emb)
+        self.sq_norms = FrozenCentroids(jnp.sum(emb * emb, -1))
+
     def encode(self, x: jax.Array) -> jax.Array:
         """[..., D] -> [...] int32 codes of the nearest centroid (squared L2)."""
-        emb = self.embedding.astype(jnp.float32)
+        if self.centroids is not None and self.sq_norms is not None:
+            emb, emb_sq = self.centroids[...], self.sq_norms[...]
+        else:
+            emb = self.embedding.astype(jnp.float32)
+            emb_sq = jnp.sum(emb * emb, -1)
         x = x.astype(jnp.float32)
         dist = (
             jnp.sum(x * x, -1, keepdims=True)
-            + jnp.sum(emb * emb, -1)
+            + emb_sq
             - 2.0 * jnp.einsum("...d,kd->...k", x, emb, precision=jax.lax.Precision.HIGHEST)
         )
         return jnp.argmin(dist, axis=-1).astype(jnp.int32)

@@ -18,17 +18,37 @@ from sfm.codec.model import Mimi
 from sfm.nn.streaming import reset_where
 
 
-# Parameters travel as a flat list of arrays (static treedef): flattening an nnx.State on
-# every call costs milliseconds of Python per frame, a list is flattened in C++.
-@partial(jax.jit, static_argnums=(0, 1, 5), donate_argnums=(3,))
-def _encode(graphdef: Any, treedef: Any, leaves: list, state: Any, wav: jax.Array, n_q: int) -> Any:
-    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-    return model.encode_step(state, wav, n_q)
+class _Static:
+    """A static jit argument whose hash is computed once: hashing a graphdef costs ~2 ms of
+    Python, paid on every call if passed bare."""
+
+    def __init__(self, graphdef: Any, treedef: Any) -> None:
+        self.graphdef, self.treedef = graphdef, treedef
+        self._hash = hash((graphdef, treedef))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (
+            isinstance(other, _Static)
+            and (self.graphdef, self.treedef) == (other.graphdef, other.treedef)
+        )
+
+    def model(self, leaves: list) -> Mimi:
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))
 
 
-@partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
-def _decode(graphdef: Any, treedef: Any, leaves: list, state: Any, codes: jax.Array) -> Any:
-    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves)).decode_step(state, codes)
+# Parameters travel as a flat list of arrays: flattening an nnx.State on every call costs
+# milliseconds of Python per frame, a list is flattened in C++.
+@partial(jax.jit, static_argnums=(0, 4), donate_argnums=(2,))
+def _encode(static: _Static, leaves: list, state: Any, wav: jax.Array, n_q: int) -> Any:
+    return static.model(leaves).encode_step(state, wav, n_q)
+
+
+@partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def _decode(static: _Static, leaves: list, state: Any, codes: jax.Array) -> Any:
+    return static.model(leaves).decode_step(state, codes)
 
 
 class StreamingCodec:
@@ -38,8 +58,12 @@ class StreamingCodec:
         self.cfg = model.cfg
         self.n_q = n_q or model.cfg.n_q
         self.batch_size = batch_size
-        self._graphdef, params = nnx.split(model)
-        self._leaves, self._treedef = jax.tree.flatten(params)
+        # A serving copy (same arrays, new module objects) with precomputed centroids.
+        serving = nnx.merge(*nnx.split(model))
+        serving.freeze_codebooks()
+        graphdef, params = nnx.split(serving)
+        self._leaves, treedef = jax.tree.flatten(params)
+        self._static = _Static(graphdef, treedef)
         self._fresh_encode = model.init_encode_state(batch_size)
         self._fresh_decode = model.init_decode_state(batch_size)
         self.reset()
@@ -58,8 +82,7 @@ class StreamingCodec:
     def encode_chunk(self, wav_bt: jax.Array) -> jax.Array:
         """[B, k * frame_size] audio -> [B, n_q, k] codes."""
         self._enc_state, codes = _encode(
-            self._graphdef,
-            self._treedef,
+            self._static,
             self._leaves,
             self._enc_state,
             jnp.asarray(wav_bt, jnp.float32),
@@ -70,8 +93,7 @@ class StreamingCodec:
     def decode_chunk(self, codes_bkt: jax.Array) -> jax.Array:
         """[B, K, k] codes -> [B, k * frame_size] audio."""
         self._dec_state, wav = _decode(
-            self._graphdef,
-            self._treedef,
+            self._static,
             self._leaves,
             self._dec_state,
             jnp.asarray(codes_bkt, jnp.int32),

@@ -84,8 +84,18 @@ class MultiHeadAttention(nnx.Module):
         return self._attend(q, pos_bt, [(_heads_first(k), _heads_first(v), pos_bt)])
 
     def step(self, state: State, x_btd: jax.Array, pos_bt: jax.Array) -> tuple[State, jax.Array]:
-        """Attend over the cache and the new keys (two key sets, one softmax), then write."""
+        """Attend over the cache and the new keys (two key sets, one softmax), then write.
+
+        When the ring has `t - 1` slots beyond the context, writing first cannot evict a key
+        that a new query sees, so the step writes in place and attends over the ring alone
+        (no copy of the cache).
+        """
         q, k, v = self._qkv(x_btd, pos_bt)
+        capacity, t = state["pos"].shape[1], x_btd.shape[1]
+        if self.context is not None and t <= capacity - self.context + 1:
+            state = self._write(state, k, v, pos_bt)
+            ring = (state["k"].astype(k.dtype), state["v"].astype(v.dtype), state["pos"])
+            return state, self._attend(q, pos_bt, [ring])
         cache = (state["k"].astype(k.dtype), state["v"].astype(v.dtype), state["pos"])
         y = self._attend(q, pos_bt, [cache, (_heads_first(k), _heads_first(v), pos_bt)])
         return self._write(state, k, v, pos_bt), y
