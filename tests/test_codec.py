@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from sfm.codec.config import CodecConfig, CodecTransformerConfig, QuantizerConfig, SeanetConfig
+from sfm.codec.config import CodecConfig, QuantizerConfig
 from sfm.codec.model import Mimi
 from sfm.codec.streaming import StreamingCodec
+from sfm.config import load_config
 from sfm.parallel import MeshConfig, build_mesh, shard_model
 from sfm.parallel.config import DEFAULT_RULES
 
-TINY = CodecConfig(
-    frame_rate=50.0,
-    n_q=4,
-    seanet=SeanetConfig(dimension=32, n_filters=8, ratios=(5, 4, 4, 3)),
-    transformer=CodecTransformerConfig(
-        d_model=32, num_heads=2, num_layers=2, dim_feedforward=64, context=16
-    ),
-    quantizer=QuantizerConfig(dimension=16, total_codebooks=4, bins=64),
-)
+TINY = load_config(Path(__file__).parents[1] / "configs/codec/tiny.yaml", []).codec
 FRAMES = 40
 
 

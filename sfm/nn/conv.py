@@ -19,8 +19,21 @@ from sfm.nn import init
 State = dict[str, Any]
 
 
-def _uniform(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, dtype: str) -> jax.Array:
-    return init.uniform(rngs, shape, 1.0 / math.sqrt(fan_in), dtype)
+def _conv_params(
+    rngs: nnx.Rngs,
+    shape: tuple[int, ...],
+    axes: tuple[str, ...],
+    fan_in: int,
+    use_bias: bool,
+    dtype: str,
+) -> tuple[nnx.Param, nnx.Param | None]:
+    """Kernel and optional bias [out], both U(+-1/sqrt(fan_in)) as PyTorch initialises them."""
+    bound = 1.0 / math.sqrt(fan_in)
+    kernel = nnx.Param(init.uniform(rngs, shape, bound, dtype), out_sharding=axes)
+    if not use_bias:
+        return kernel, None
+    out = shape[axes.index("conv_out")]
+    return kernel, nnx.Param(init.uniform(rngs, (out,), bound, dtype), out_sharding=("conv_out",))
 
 
 class StreamingConv1d(nnx.Module):
@@ -49,19 +62,10 @@ class StreamingConv1d(nnx.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.stride, self.dilation, self.groups = stride, dilation, groups
         self.pad_mode = pad_mode
-        fan_in = in_channels // groups * kernel_size
         shape = (kernel_size, in_channels // groups, out_channels)
-        self.kernel = nnx.Param(
-            _uniform(rngs, shape, fan_in, param_dtype),
-            out_sharding=("conv_kernel", "conv_in", "conv_out"),
-        )
-        self.bias = (
-            nnx.Param(
-                _uniform(rngs, (out_channels,), fan_in, param_dtype), out_sharding=("conv_out",)
-            )
-            if use_bias
-            else None
-        )
+        axes = ("conv_kernel", "conv_in", "conv_out")
+        fan_in = in_channels // groups * kernel_size
+        self.kernel, self.bias = _conv_params(rngs, shape, axes, fan_in, use_bias, param_dtype)
 
     @property
     def context(self) -> int:
@@ -126,19 +130,10 @@ class StreamingConvTranspose1d(nnx.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.stride, self.groups = stride, groups
         # PyTorch's ConvTranspose1d uses fan_in = out_channels/groups * kernel for its init.
-        fan_in = out_channels // groups * kernel_size
         shape = (kernel_size, out_channels, in_channels // groups)
-        self.kernel = nnx.Param(
-            _uniform(rngs, shape, fan_in, param_dtype),
-            out_sharding=("conv_kernel", "conv_out", "conv_in"),
-        )
-        self.bias = (
-            nnx.Param(
-                _uniform(rngs, (out_channels,), fan_in, param_dtype), out_sharding=("conv_out",)
-            )
-            if use_bias
-            else None
-        )
+        axes = ("conv_kernel", "conv_out", "conv_in")
+        fan_in = out_channels // groups * kernel_size
+        self.kernel, self.bias = _conv_params(rngs, shape, axes, fan_in, use_bias, param_dtype)
 
     @property
     def overlap(self) -> int:
