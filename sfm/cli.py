@@ -30,6 +30,7 @@ from sfm.codec_files import (
     warm_up,
 )
 from sfm.config import Config, ConfigError
+from sfm.interop.mimi import InteropError
 
 EXIT_USER_ERROR = 2
 CACHE_ENV = "SFM_COMPILE_CACHE"
@@ -174,6 +175,7 @@ USER_ERRORS = (
     CheckpointError,
     ConfigError,
     CodesError,
+    InteropError,
     quickstart.QuickstartError,
     OSError,
 )

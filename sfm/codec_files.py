@@ -26,6 +26,7 @@ from sfm.codec.model import Mimi
 from sfm.codec.streaming import StreamingCodec
 from sfm.config import Config, ConfigError, load_config
 from sfm.eval.codec_metrics import mel_distance, si_sdr
+from sfm.interop.mimi import is_kyutai_mimi, load_kyutai_into
 
 CHUNK_FRAMES = 25  # 2 s at Mimi's 12.5 Hz
 DEFAULT_PRESET = "mimi"
@@ -225,9 +226,12 @@ def load_run_config(
 
 
 def build_codec(cfg: Config, checkpoint: PathLike | None = None) -> Mimi:
-    """The codec of `cfg`, randomly initialised from `cfg.seed` or loaded from `checkpoint`."""
+    """The codec of `cfg`, randomly initialised from `cfg.seed` or loaded from `checkpoint`
+    (an sfm checkpoint, or a Mimi in Kyutai's safetensors layout such as Moshi's release)."""
     model = Mimi(cfg.codec, rngs=nnx.Rngs(cfg.seed))
-    if checkpoint is not None:
+    if checkpoint is not None and is_kyutai_mimi(checkpoint):
+        load_kyutai_into(model, checkpoint)
+    elif checkpoint is not None:
         load_params(model, checkpoint)
     return model
 

@@ -28,6 +28,7 @@ from sfm.codec_files import (
     streaming_codec,
 )
 from sfm.config import dump_yaml
+from sfm.interop.mimi import export_mimi
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--config", "tiny"]
@@ -129,6 +130,23 @@ def test_checkpoint_carries_its_config(work: Path, encoded: Path) -> None:
     assert main(argv) == 0
     with np.load(out) as a, np.load(encoded) as b:
         np.testing.assert_array_equal(a["codes"], b["codes"])
+
+
+def test_kyutai_layout_checkpoint(
+    work: Path, encoded: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--checkpoint` also takes a Mimi in Kyutai's safetensors layout (e.g. Moshi's release)."""
+    cfg = load_run_config("tiny", None, ())
+    ckpt = work / "kyutai_layout.safetensors"
+    export_mimi(build_codec(cfg), ckpt)
+    out = work / "from_kyutai.npz"
+    argv = ["codec", "encode", str(work / "in.wav"), str(out), "--checkpoint", str(ckpt), *TINY]
+    assert main(argv) == 0
+    with np.load(out) as a, np.load(encoded) as b:
+        np.testing.assert_array_equal(a["codes"], b["codes"])
+    # The same file under the full Mimi config: one line naming the file, exit 2.
+    argv = ["codec", "encode", str(work / "in.wav"), str(out), "--checkpoint", str(ckpt)]
+    assert "does the codec config match" in _run_error(capsys, argv, "kyutai_layout.safetensors")
 
 
 def test_console_entry_point(work: Path, cache_dir: Path) -> None:

@@ -201,16 +201,32 @@ def load_flat_into(model: Mimi, flat: Mapping[str, Array], *, source: str = "che
     nnx.update(model, state)
 
 
-def import_mimi(path: str | Path, cfg: CodecConfig, *, seed: int = 0) -> Mimi:
-    """Build an sfm Mimi from a Kyutai Mimi safetensors file."""
+def is_kyutai_mimi(path: str | Path) -> bool:
+    """Whether a safetensors file holds a Mimi in Kyutai's layout (read from its header)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "numpy") as f:
+            return any(k.startswith("encoder.model.0.conv") for k in f.keys())  # noqa: SIM118
+    except Exception:  # not safetensors at all: let the caller's loader report it
+        return False
+
+
+def load_kyutai_into(model: Mimi, path: str | Path) -> None:
+    """Load a Kyutai Mimi safetensors file into an existing sfm Mimi of the same config."""
     from safetensors.numpy import load_file
 
     try:
         tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises several types for truncated or foreign files
         raise InteropError(f"{path}: not a readable safetensors file ({exc})") from None
+    load_flat_into(model, torch_to_sfm(tensors, model.cfg, source=str(path)), source=str(path))
+
+
+def import_mimi(path: str | Path, cfg: CodecConfig, *, seed: int = 0) -> Mimi:
+    """Build an sfm Mimi from a Kyutai Mimi safetensors file."""
     model = Mimi(cfg, rngs=nnx.Rngs(seed))
-    load_flat_into(model, torch_to_sfm(tensors, cfg, source=str(path)), source=str(path))
+    load_kyutai_into(model, path)
     return model
 
 

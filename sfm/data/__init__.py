@@ -1,0 +1,1 @@
+"""Data: synthetic text and speech corpora with word timings (moshi-finetune layout)."""
