@@ -30,6 +30,8 @@ from sfm.codec_files import (
     warm_up,
 )
 from sfm.config import Config, ConfigError
+from sfm.data.synth import SynthError
+from sfm.data.synth_corpus import synth_corpus
 from sfm.interop.mimi import InteropError
 
 EXIT_USER_ERROR = 2
@@ -127,6 +129,11 @@ def _quickstart(args: argparse.Namespace) -> None:
     quickstart.main(Path(args.out))
 
 
+def _data_synth(args: argparse.Namespace) -> None:
+    """`sfm data synth`: write a synthetic speech corpus and print its summary."""
+    print(synth_corpus(args.out, args.minutes, args.engine, args.seed, args.text).line())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `sfm` argument parser; each leaf sets `run` to its command function."""
     parser = argparse.ArgumentParser(prog="sfm", description="Speech foundation model tools.")
@@ -155,6 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
     quick = commands.add_parser("quickstart", help="speak a sentence through the tiny codec")
     quick.add_argument("--out", default="out/quickstart", help="where to write the WAVs")
     quick.set_defaults(run=_quickstart)
+
+    data = commands.add_parser("data", help="build training data")
+    data_cmds = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    syn = data_cmds.add_parser("synth", help="synthetic speech + word alignments + manifest")
+    syn.add_argument("--out", required=True, help="output folder (wav/, manifest.jsonl)")
+    syn.add_argument("--minutes", type=float, default=10.0, help="minutes of audio to make")
+    syn.add_argument("--engine", choices=("espeak", "flite", "both"), default="both")
+    syn.add_argument("--seed", type=int, default=0, help="seed for text and voices")
+    syn.add_argument("--text", default=None, help="own text file: one sentence per line")
+    syn.set_defaults(run=_data_synth)
     return parser
 
 
@@ -177,6 +194,7 @@ USER_ERRORS = (
     CodesError,
     InteropError,
     quickstart.QuickstartError,
+    SynthError,
     OSError,
 )
 
