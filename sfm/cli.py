@@ -30,6 +30,7 @@ from sfm.codec_files import (
     warm_up,
 )
 from sfm.config import Config, ConfigError
+from sfm.data.dialogues import synth_dialogues
 from sfm.data.synth import SynthError
 from sfm.data.synth_corpus import synth_corpus
 from sfm.interop.mimi import InteropError
@@ -134,6 +135,11 @@ def _data_synth(args: argparse.Namespace) -> None:
     print(synth_corpus(args.out, args.minutes, args.engine, args.seed, args.text).line())
 
 
+def _data_dialogues(args: argparse.Namespace) -> None:
+    """`sfm data dialogues`: write synthetic stereo dialogues and print their summary."""
+    print(synth_dialogues(args.out, args.minutes, args.seed).line())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `sfm` argument parser; each leaf sets `run` to its command function."""
     parser = argparse.ArgumentParser(prog="sfm", description="Speech foundation model tools.")
@@ -172,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--seed", type=int, default=0, help="seed for text and voices")
     syn.add_argument("--text", default=None, help="own text file: one sentence per line")
     syn.set_defaults(run=_data_synth)
+    dia = data_cmds.add_parser("dialogues", help="stereo two-speaker dialogues + turn events")
+    dia.add_argument("--out", required=True, help="output folder (wav/, manifest.jsonl)")
+    dia.add_argument("--minutes", type=float, default=10.0, help="minutes of audio to make")
+    dia.add_argument("--seed", type=int, default=0, help="seed for text, voices and timing")
+    dia.set_defaults(run=_data_dialogues)
     return parser
 
 

@@ -1,0 +1,105 @@
+"""Synthetic dialogues: stereo layout, word spans and each turn-taking event, checked on audio."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from sfm.data.dialogues import (
+    ASSISTANT,
+    SAMPLE_RATE,
+    USER,
+    Timeline,
+    _voices,
+    render_dialogue,
+    synth_dialogues,
+)
+
+SEEDS = range(8)
+
+
+@pytest.fixture(scope="module")
+def dialogues() -> list[Timeline]:
+    assistant, user = _voices(random.Random(0))
+    return [render_dialogue(seed, assistant, user, exchanges=3) for seed in SEEDS]
+
+
+def _peak(track: np.ndarray, start: float, end: float) -> float:
+    a, b = int(start * SAMPLE_RATE), int(end * SAMPLE_RATE)
+    return float(np.abs(track[a:b]).max()) if b > a else 0.0
+
+
+def test_every_event_kind_occurs(dialogues: list[Timeline]) -> None:
+    kinds = {e.kind for tl in dialogues for e in tl.events}
+    assert kinds == {"turn_end", "pause", "backchannel", "interruption"}
+
+
+def test_words_lie_on_their_speakers_channel(dialogues: list[Timeline]) -> None:
+    for tl in dialogues:
+        audio = tl.stereo()
+        assert audio.shape[1] == 2 and audio.dtype == np.float32
+        for word, start, end, speaker in tl.words:
+            assert 0 <= start < end <= audio.shape[0] / SAMPLE_RATE, word
+            channel = audio[:, 0] if speaker == ASSISTANT else audio[:, 1]
+            assert _peak(channel, start, end) > 1e-3, (word, speaker)
+
+
+def test_assistant_stays_silent_through_user_pauses(dialogues: list[Timeline]) -> None:
+    pauses = [(tl, e) for tl in dialogues for e in tl.events if e.kind == "pause"]
+    assert pauses
+    for tl, e in pauses:
+        assert e.end - e.start >= 0.6
+        assert _peak(tl.stereo()[:, 0], e.start, e.end) == 0.0
+        assert _peak(tl.stereo()[:, 1], e.start + 0.05, e.end - 0.05) < 1e-3
+
+
+def test_assistant_stops_after_an_interruption(dialogues: list[Timeline]) -> None:
+    cuts = [(tl, e) for tl in dialogues for e in tl.events if e.kind == "interruption"]
+    assert cuts
+    for tl, e in cuts:
+        left, right = tl.stereo()[:, 0], tl.stereo()[:, 1]
+        assert e.assistant_stop is not None and e.start < e.assistant_stop < e.end
+        assert _peak(left, e.start - 0.3, e.start) > 1e-3, "the assistant was speaking"
+        # Silent from the cut until the reply, which may start up to 0.15 s before the end.
+        assert _peak(left, e.assistant_stop + 0.001, e.end - 0.15) == 0.0, "and stopped"
+        assert _peak(right, e.start, e.end) > 1e-3
+        late = [w for w, s, _, spk in tl.words if spk == ASSISTANT and e.assistant_stop < s < e.end]
+        assert not late
+
+
+def test_backchannels_are_short(dialogues: list[Timeline]) -> None:
+    bcs = [(tl, e) for tl in dialogues for e in tl.events if e.kind == "backchannel"]
+    assert bcs
+    for tl, e in bcs:
+        assert e.end - e.start < 1.0
+        words = [w for w, s, _, spk in tl.words if spk == USER and e.start <= s < e.end]
+        assert 1 <= len(words) <= 2
+        assert _peak(tl.stereo()[:, 0], e.start, e.end) > 1e-3, "said while the assistant talks"
+
+
+def test_replies_start_when_the_turn_end_says(dialogues: list[Timeline]) -> None:
+    for tl in dialogues:
+        for e in (e for e in tl.events if e.kind == "turn_end"):
+            assert -0.15 <= e.end - e.start <= 0.7
+            first = min(s for _, s, _, spk in tl.words if spk == ASSISTANT and s >= e.end - 1e-6)
+            assert first - e.end < 0.5
+
+
+def test_corpus_files(tmp_path) -> None:
+    summary = synth_dialogues(tmp_path, minutes=0.5, seed=3)
+    lines = [json.loads(x) for x in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert len(lines) == summary.files >= 2 and summary.audio_s >= 30
+    for row in lines:
+        wav = tmp_path / row["path"]
+        info = sf.info(wav)
+        assert (info.samplerate, info.channels) == (SAMPLE_RATE, 2)
+        assert abs(info.frames / SAMPLE_RATE - row["duration"]) < 1e-3
+        rows = json.loads(wav.with_suffix(".json").read_text())["alignments"]
+        assert {r[2] for r in rows} == {ASSISTANT, USER}
+        assert all(0 <= r[1][0] < r[1][1] <= row["duration"] + 1e-3 for r in rows)
+        events = json.loads(wav.with_name(wav.stem + ".events.json").read_text())["events"]
+        assert any(ev["kind"] == "turn_end" for ev in events)
