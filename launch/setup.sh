@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-APT_PACKAGES=(espeak-ng libespeak-ng1 sox ffmpeg flite)
+APT_PACKAGES=(espeak-ng libespeak-ng1 sox ffmpeg flite alsa-utils codec2-examples ktuberling-data)
 VENV=.venv
 MOSHI=moshi==0.2.13
 STAMP=$VENV/.sfm-setup-stamp  # fingerprint of the last successful Python install

@@ -31,6 +31,7 @@ from sfm.codec_files import (
 )
 from sfm.config import Config, ConfigError
 from sfm.data.dialogues import synth_dialogues
+from sfm.data.real_speech import EvalSetError, build_eval_set
 from sfm.data.synth import SynthError
 from sfm.data.synth_corpus import synth_corpus
 from sfm.interop.mimi import InteropError
@@ -140,6 +141,11 @@ def _data_dialogues(args: argparse.Namespace) -> None:
     print(synth_dialogues(args.out, args.minutes, args.seed).line())
 
 
+def _data_eval_set(args: argparse.Namespace) -> None:
+    """`sfm data eval-set`: collect the real-speech evaluation set and print its summary."""
+    print(build_eval_set(args.out).line())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `sfm` argument parser; each leaf sets `run` to its command function."""
     parser = argparse.ArgumentParser(prog="sfm", description="Speech foundation model tools.")
@@ -183,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     dia.add_argument("--minutes", type=float, default=10.0, help="minutes of audio to make")
     dia.add_argument("--seed", type=int, default=0, help="seed for text, voices and timing")
     dia.set_defaults(run=_data_dialogues)
+    ev = data_cmds.add_parser("eval-set", help="real recorded speech from Debian packages")
+    ev.add_argument("--out", required=True, help="output folder (wav/, manifest.jsonl)")
+    ev.set_defaults(run=_data_eval_set)
     return parser
 
 
@@ -204,6 +213,7 @@ USER_ERRORS = (
     ConfigError,
     CodesError,
     InteropError,
+    EvalSetError,
     quickstart.QuickstartError,
     SynthError,
     OSError,
