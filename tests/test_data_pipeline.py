@@ -1,0 +1,162 @@
+"""Stream layout and grain pipelines: shapes, masks, mixture weights, sharding, exact resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from sfm.data import layout as lay
+from sfm.data import pipeline as pl
+
+K, SEQ = 4, 40
+DELAYS = lay.moshi_delays(K)
+
+
+def fake_record(rng: np.random.Generator, channels: int, frames: int, idx: int) -> bytes:
+    """One tokenized record: random codes, text with EPAD word marks, a unique path."""
+    text = rng.integers(4, 100, size=(channels, frames)).astype(np.int32)
+    text[rng.random((channels, frames)) < 0.3] = lay.TEXT_PAD
+    text[rng.random((channels, frames)) < 0.15] = lay.TEXT_EPAD
+    codes = rng.integers(0, 2048, size=(channels, 8, frames)).astype(np.int16)
+    return lay.encode_record(
+        {"codes": codes, "text": text, "frame_rate": 12.5, "path": f"utt{idx}.wav"}
+    )
+
+
+def write_shards(root: Path, name: str, channels: int, n: int, n_shards: int = 2) -> str:
+    """Write n records over n_shards ArrayRecord files; returns their glob."""
+    rng = np.random.default_rng(channels * 100 + n)
+    for i in range(n_shards):
+        writer = ArrayRecordWriter(str(root / f"{name}-{i:05d}-of-{n_shards:05d}.array_record"), "")
+        for j in range(i, n, n_shards):
+            writer.write(fake_record(rng, channels, int(rng.integers(20, 80)), j))
+        writer.close()
+    return str(root / f"{name}-*.array_record")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Mono and stereo fixture shards."""
+    root = tmp_path_factory.mktemp("shards")
+    return {"mono": write_shards(root, "mono", 1, 40), "stereo": write_shards(root, "st", 2, 30)}
+
+
+def config(shards: dict[str, str], **kw: object) -> pl.DataConfig:
+    """A small config over all four sources."""
+    base = dict(
+        speech_paths=(shards["mono"],),
+        interleaved_paths=(shards["mono"],),
+        duplex_paths=(shards["stereo"],),
+        seq_len=SEQ,
+        batch_size=4,
+        n_q=K,
+        delays=DELAYS,
+        shard_index=0,
+        shard_count=1,
+    )
+    return pl.DataConfig(**{**base, **kw})
+
+
+TEXTS = [np.arange(5, 5 + n, dtype=np.int32) for n in (10, 30, 60, 90)]
+
+
+def test_delays_round_trip() -> None:
+    tokens = np.random.default_rng(0).integers(0, 2048, size=(1 + 2 * K, 17)).astype(np.int32)
+    delayed = lay.apply_delays(tokens, (0, 0, 1, 2, 3, 0, 1, 1, 2), -1)
+    assert delayed.shape == (9, 20)
+    assert (delayed[3, :2] == -1).all() and (delayed[3, 2:19] == tokens[3]).all()
+    np.testing.assert_array_equal(lay.undo_delays(delayed, (0, 0, 1, 2, 3, 0, 1, 1, 2)), tokens)
+    assert lay.StreamLayout().n_streams == 17 and lay.StreamLayout().delays == lay.moshi_delays(8)
+    with pytest.raises(ValueError):
+        lay.StreamLayout(n_q=4)
+
+
+def test_to_streams_mono_and_dialogue() -> None:
+    rng, layout = np.random.default_rng(1), lay.StreamLayout(n_q=K, delays=DELAYS)
+    mono = lay.decode_record(fake_record(rng, 1, 12, 0))
+    tokens, mask = lay.to_streams(mono, layout)
+    assert tokens.shape == (1 + 2 * K, 12) and tokens.dtype == np.int32
+    assert (tokens[1 + K :] == -1).all() and not mask[1 + K :].any() and mask[: 1 + K].all()
+    duo = lay.decode_record(fake_record(rng, 2, 12, 1))
+    tokens, mask = lay.to_streams(duo, layout)
+    np.testing.assert_array_equal(tokens[0], duo["text"][0])
+    np.testing.assert_array_equal(tokens[1 + K :], duo["codes"][1, :K])
+    assert not mask[1 + K :].any()
+
+
+def test_interleave_spans() -> None:
+    rng, layout = np.random.default_rng(2), lay.StreamLayout(n_q=K, delays=DELAYS)
+    tokens, mask = lay.to_streams(lay.decode_record(fake_record(rng, 1, 200, 0)), layout)
+    out, out_mask = lay.interleave(tokens, mask, layout, rng, 0.5)
+    text_span = (out[1:] == -1).all(0)
+    speech_span = (out[0] == lay.TEXT_PAD) & ~out_mask[0]
+    assert (text_span ^ speech_span).all() and text_span.any() and speech_span.any()
+    np.testing.assert_array_equal(out[0, text_span], tokens[0, text_span])
+    assert (out_mask[0] == text_span).all() and (out_mask[1 : 1 + K] == speech_span).all()
+
+
+def _one_source(shards: dict[str, str], source: str) -> dict[str, np.ndarray]:
+    """First batch of a pipeline with only `source` enabled."""
+    weights = tuple(float(s == source) for s in pl.SOURCES)
+    return next(iter(pl.build_dataset(config(shards, weights=weights), TEXTS)))
+
+
+@pytest.mark.parametrize("source", pl.SOURCES)
+def test_each_source_shapes_and_masks(shards: dict[str, str], source: str) -> None:
+    batch = _one_source(shards, source)
+    tokens, mask = batch["tokens"], batch["mask"]
+    assert tokens.shape == mask.shape == (4, 1 + 2 * K, SEQ) and tokens.dtype == np.int32
+    assert (batch["source"] == pl.SOURCES.index(source)).all()
+    assert (tokens[~mask & (tokens != -1)] >= 0).all() and (tokens[mask] >= 0).all()
+    assert not mask[:, 1 + K :].any()  # user streams never carry loss
+    if source == "text":
+        assert (tokens[:, 1:] == -1).all() and mask[:, 0].any()
+    if source == "duplex":
+        assert (tokens[:, 1 + K :] >= 0).any()
+    if source == "speech":
+        assert (tokens[:, 1 + K :] == -1).all()
+
+
+def test_mixture_proportions(shards: dict[str, str]) -> None:
+    cfg = config(shards, weights=(1.0, 2.0, 1.0, 4.0), batch_size=5)
+    it = iter(pl.build_dataset(cfg, TEXTS))
+    sources = np.concatenate([next(it)["source"] for _ in range(100)])
+    frac = np.bincount(sources, minlength=4) / len(sources)
+    np.testing.assert_allclose(frac, np.array([1, 2, 1, 4]) / 8, atol=0.03)
+
+
+def test_host_sharding_disjoint_and_covering(shards: dict[str, str]) -> None:
+    paths = config(shards).paths("speech")
+    seen = [
+        {lay.decode_record(r)["path"].item() for r in pl.sharded_records(paths, (i, 2))}
+        for i in (0, 1)
+    ]
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 40
+
+
+def test_deterministic_with_seed(shards: dict[str, str]) -> None:
+    def first(seed: int) -> np.ndarray:
+        it = iter(pl.build_dataset(config(shards, seed=seed), TEXTS))
+        return np.stack([next(it)["tokens"] for _ in range(3)])
+
+    np.testing.assert_array_equal(first(3), first(3))
+    assert not np.array_equal(first(3), first(4))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exact_resume(shards: dict[str, str], workers: int) -> None:
+    cfg = config(shards, num_workers=workers)
+    it = iter(pl.build_dataset(cfg, TEXTS))
+    for _ in range(5):
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(4)]
+    fresh = iter(pl.build_dataset(cfg, TEXTS))
+    fresh.set_state(state)
+    for want in expected:
+        got = next(fresh)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
