@@ -34,6 +34,9 @@ from sfm.data.dialogues import synth_dialogues
 from sfm.data.real_speech import EvalSetError, build_eval_set
 from sfm.data.synth import SynthError
 from sfm.data.synth_corpus import synth_corpus
+from sfm.data.tfds_speech import CorpusError
+from sfm.data.tokenize import TokenizeError, tokenize_dataset
+from sfm.data.tokenizer import TokenizerError, train_tokenizer, training_texts
 from sfm.interop.mimi import InteropError
 
 EXIT_USER_ERROR = 2
@@ -146,6 +149,26 @@ def _data_eval_set(args: argparse.Namespace) -> None:
     print(build_eval_set(args.out).line())
 
 
+def _data_train_tokenizer(args: argparse.Namespace) -> None:
+    """`sfm data train-tokenizer`: train a SentencePiece model on corpora words or text files."""
+    texts = training_texts(args.corpus, args.text)
+    print(train_tokenizer(texts, args.out, args.vocab, args.model_type))
+
+
+def _data_tokenize(args: argparse.Namespace) -> None:
+    """`sfm data tokenize`: codec codes + text streams to ArrayRecord shards."""
+    summary = tokenize_dataset(
+        args.data,
+        args.out,
+        args.config,
+        args.checkpoint,
+        args.tokenizer,
+        args.shard_size,
+        args.batch_size,
+    )
+    print(summary.line())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `sfm` argument parser; each leaf sets `run` to its command function."""
     parser = argparse.ArgumentParser(prog="sfm", description="Speech foundation model tools.")
@@ -192,6 +215,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev = data_cmds.add_parser("eval-set", help="real recorded speech from Debian packages")
     ev.add_argument("--out", required=True, help="output folder (wav/, manifest.jsonl)")
     ev.set_defaults(run=_data_eval_set)
+    tt = data_cmds.add_parser("train-tokenizer", help="SentencePiece model (pad 3, epad 0)")
+    tt.add_argument("--corpus", action="append", default=[], help="corpus dir (repeatable)")
+    tt.add_argument("--text", action="append", default=[], help="text file (repeatable)")
+    tt.add_argument("--out", required=True, help="model prefix: writes PREFIX.model")
+    tt.add_argument("--vocab", type=int, default=32000, help="vocabulary size")
+    tt.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
+    tt.set_defaults(run=_data_train_tokenizer)
+    tok = data_cmds.add_parser("tokenize", help="codes + text streams -> ArrayRecord shards")
+    tok.add_argument("--data", required=True, help="corpus dir or prepared tfds dir")
+    tok.add_argument("--out", required=True, help="output folder for the shards")
+    tok.add_argument("--tokenizer", required=True, help="SentencePiece .model")
+    tok.add_argument("--config", default="tiny", help="codec preset name or YAML path")
+    tok.add_argument("--checkpoint", default=None, help="codec parameters (default: random)")
+    tok.add_argument("--shard-size", type=int, default=256, help="records per shard")
+    tok.add_argument("--batch-size", type=int, default=16, help="codec batch (channels)")
+    tok.set_defaults(run=_data_tokenize)
     return parser
 
 
@@ -208,6 +247,9 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
 
 # Exceptions that mean bad input rather than a bug: one line, no traceback.
 USER_ERRORS = (
+    CorpusError,
+    TokenizeError,
+    TokenizerError,
     AudioError,
     CheckpointError,
     ConfigError,

@@ -1,0 +1,326 @@
+"""Prepared speech -> ArrayRecord shards of codec codes and word-aligned text streams.
+
+Every example of every split is encoded by the codec (each channel separately) and given one
+text stream per channel: the assistant's words (SPEAKER_MAIN) on channel 0, the user's
+(SPEAKER_USER) on channel 1; a mono example puts all its words on channel 0. Each record is
+`np.savez` bytes:
+
+    codes       int16 [C, K, T]   T = ceil(samples / frame_size)
+    text        int32 [C, T]      see sfm.data.text_stream
+    frame_rate  float             codec frames per second
+    path        str               the example's manifest path
+
+Shards are `<split>-<i:05d>-of-<n:05d>.array_record`. Hosts take every process_count-th
+shard; within a host each codec batch is sharded over the local devices. A shard is written
+under a temporary name and renamed when complete, so a rerun skips the shards already there.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import soundfile as sf
+from array_record.python.array_record_module import ArrayRecordWriter
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sfm.audio import PathLike
+from sfm.codec.model import Mimi
+from sfm.codec_files import build_codec, load_run_config
+from sfm.data.text_stream import TimedWord, place_words
+from sfm.data.tfds_speech import prepare
+from sfm.data.tokenizer import encode_word, load_tokenizer
+
+USER_SPEAKER = "SPEAKER_USER"
+MIN_BUCKET_FRAMES = 16
+WRITER_OPTIONS = "group_size:1"  # one record per chunk: cheap random access for grain
+
+SKIP_REASONS = {
+    "too_short": "audio is shorter than one codec frame",
+    "bad_channels": "audio has neither one nor two channels",
+}
+
+
+class TokenizeError(ValueError):
+    """Input that cannot be tokenized at all; the message names the directory."""
+
+
+class DataSource(Protocol):
+    """What `builder.as_data_source(split)` returns: sized and indexable."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int) -> dict[str, Any]: ...
+
+
+@dataclass
+class Summary:
+    """What one tokenization run did (shards skipped as complete are not re-counted)."""
+
+    out_dir: Path
+    records: Counter[str] = field(default_factory=Counter)  # per split, written this run
+    skipped: Counter[str] = field(default_factory=Counter)  # by SKIP_REASONS key
+    shards_written: int = 0
+    shards_done_before: int = 0
+    dropped_tokens: int = 0
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        """One-line report for the command line."""
+        records = ", ".join(f"{s} {n}" for s, n in sorted(self.records.items())) or "none"
+        skipped = ", ".join(f"{r} {n}" for r, n in sorted(self.skipped.items())) or "none"
+        return (
+            f"{self.out_dir}: records {records}; shards written {self.shards_written}, "
+            f"already complete {self.shards_done_before}; skipped {skipped}; "
+            f"text tokens dropped past the end {self.dropped_tokens}; {self.seconds:.1f} s"
+        )
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def _has_data_source(x: object) -> bool:
+    """True for a tfds builder (anything with as_data_source)."""
+    return hasattr(x, "as_data_source")
+
+
+def _corpus_is_stereo(source_dir: Path) -> bool:
+    """True when the corpus's first readable WAV has two channels."""
+    for wav in sorted(source_dir.rglob("*.wav")):
+        try:
+            return sf.info(str(wav)).channels == 2
+        except RuntimeError:
+            continue
+    return False
+
+
+def resolve_builders(data: Any, out_dir: Path) -> list[Any]:
+    """Builders of a builder, a corpus dir (prepared into out_dir/tfds) or a prepared tfds dir."""
+    if _has_data_source(data):
+        return [data]
+    path = Path(data)
+    if (path / "manifest.jsonl").is_file():
+        return [prepare(path, out_dir / "tfds", stereo=_corpus_is_stereo(path))[0]]
+    import tensorflow_datasets as tfds  # heavy: only when reading a prepared directory
+
+    info_dirs = sorted({p.parent for p in path.rglob("dataset_info.json")})
+    if not info_dirs:
+        raise TokenizeError(f"{path}: neither a corpus (manifest.jsonl) nor a prepared tfds dir")
+    return [tfds.builder_from_directory(str(d)) for d in info_dirs]
+
+
+def split_sources(builders: Sequence[Any]) -> dict[str, list[DataSource]]:
+    """Data sources of each split name, across builders."""
+    out: dict[str, list[DataSource]] = {}
+    for builder in builders:
+        for split in sorted(builder.info.splits.keys()):
+            out.setdefault(split, []).append(builder.as_data_source(split))
+    return out
+
+
+def _example_refs(sources: Sequence[DataSource]) -> list[tuple[int, int]]:
+    """(source index, example index) for every example of a split, in a fixed order."""
+    return [(s, i) for s, src in enumerate(sources) for i in range(len(src))]
+
+
+def _text(x: bytes | str) -> str:
+    """tfds Text comes back as bytes."""
+    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def channel_words(example: dict[str, Any], channels: int) -> list[list[TimedWord]]:
+    """Per-channel (word, start, end): the user's words on channel 1 when there is one."""
+    out: list[list[TimedWord]] = [[] for _ in range(channels)]
+    w = example["words"]
+    for word, start, end, speaker in zip(w["word"], w["start"], w["end"], w["speaker"]):
+        channel = 1 if channels == 2 and _text(speaker) == USER_SPEAKER else 0
+        out[channel].append((_text(word), float(start), float(end)))
+    return out
+
+
+# ---------------------------------------------------------------- sharded encoding
+
+
+class ShardedEncoder:
+    """Encodes [B, T] audio with the batch sharded over this host's devices."""
+
+    def __init__(self, model: Mimi, batch_size: int) -> None:
+        devices = jax.local_devices()
+        self.mesh = Mesh(np.array(devices), ("batch",))
+        self.batch = math.ceil(batch_size / len(devices)) * len(devices)
+        self.frame_size = model.cfg.frame_size
+        graphdef, state = nnx.split(model)
+        self.state = jax.device_put(state, NamedSharding(self.mesh, PartitionSpec()))
+        rows = NamedSharding(self.mesh, PartitionSpec("batch"))
+
+        def encode(state: Any, wav_bt: jax.Array) -> jax.Array:
+            return nnx.merge(graphdef, state).encode(wav_bt)
+
+        self._encode = jax.jit(encode, in_shardings=(None, rows), out_shardings=rows)
+        self._rows = rows
+
+    def _bucket(self, samples: int) -> int:
+        """Padded length in samples: a power of two of frames, to bound recompiles."""
+        frames = max(MIN_BUCKET_FRAMES, math.ceil(samples / self.frame_size))
+        return (1 << (frames - 1).bit_length()) * self.frame_size
+
+    def encode_rows(self, rows: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Each float32 row [T_i] -> codes int32 [K, ceil(T_i / frame_size)]."""
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        out: list[np.ndarray] = [np.empty(0)] * len(rows)
+        for lo in range(0, len(order), self.batch):
+            chunk = order[lo : lo + self.batch]
+            codes = self._encode_batch([rows[i] for i in chunk])
+            for j, i in enumerate(chunk):
+                out[i] = codes[j, :, : math.ceil(len(rows[i]) / self.frame_size)]
+        return out
+
+    def _encode_batch(self, rows: Sequence[np.ndarray]) -> np.ndarray:
+        """Zero-pad rows to one bucketed length and a full batch, encode, gather."""
+        wav_bt = np.zeros((self.batch, self._bucket(max(len(r) for r in rows))), np.float32)
+        for j, r in enumerate(rows):
+            wav_bt[j, : len(r)] = r
+        codes = self._encode(self.state, jax.device_put(jnp.asarray(wav_bt), self._rows))
+        return np.asarray(jax.device_get(codes))
+
+
+# ---------------------------------------------------------------- records and shards
+
+
+def record_bytes(codes_ckt: np.ndarray, text_ct: np.ndarray, frame_rate: float, path: str) -> bytes:
+    """One example as np.savez bytes."""
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        codes=codes_ckt.astype(np.int16),
+        text=text_ct.astype(np.int32),
+        frame_rate=np.float64(frame_rate),
+        path=np.str_(path),
+    )
+    return buf.getvalue()
+
+
+def read_record(data: bytes) -> dict[str, Any]:
+    """Inverse of record_bytes: codes, text, frame_rate (float), path (str)."""
+    with np.load(io.BytesIO(data)) as z:
+        return {
+            "codes": z["codes"],
+            "text": z["text"],
+            "frame_rate": float(z["frame_rate"]),
+            "path": str(z["path"]),
+        }
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    """`<split>-<i:05d>-of-<n:05d>.array_record`."""
+    return f"{split}-{index:05d}-of-{count:05d}.array_record"
+
+
+def write_shard(path: Path, records: Sequence[bytes]) -> None:
+    """Write to a temporary name, then rename: a shard on disk is always complete."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    writer = ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
+    for rec in records:
+        writer.write(rec)
+    writer.close()
+    os.replace(tmp, path)
+
+
+@dataclass
+class _Job:
+    """Everything needed to turn examples into records."""
+
+    encoder: ShardedEncoder
+    encode_text: Callable[[str], list[int]]
+    frame_rate: float
+    summary: Summary
+
+
+def _check_audio(audio_tc: np.ndarray, frame_size: int) -> str | None:
+    """A SKIP_REASONS key, or None for usable audio."""
+    if audio_tc.ndim != 2 or audio_tc.shape[1] not in (1, 2):
+        return "bad_channels"
+    if audio_tc.shape[0] < frame_size:
+        return "too_short"
+    return None
+
+
+def shard_records(job: _Job, examples: Sequence[dict[str, Any]]) -> list[bytes]:
+    """Records of one shard's examples; bad examples are skipped and counted."""
+    good: list[dict[str, Any]] = []
+    for ex in examples:
+        reason = _check_audio(np.asarray(ex["audio"]), job.encoder.frame_size)
+        if reason:
+            job.summary.skipped[reason] += 1
+        else:
+            good.append(ex)
+    rows = [
+        np.asarray(ex["audio"], np.float32)[:, c] / 32768.0
+        for ex in good
+        for c in range(np.asarray(ex["audio"]).shape[1])
+    ]
+    codes = iter(job.encoder.encode_rows(rows))
+    return [_record(job, ex, codes) for ex in good]
+
+
+def _record(job: _Job, ex: dict[str, Any], codes: Iterator[np.ndarray]) -> bytes:
+    """One example's record, taking its channels' codes from `codes`."""
+    channels = np.asarray(ex["audio"]).shape[1]
+    codes_ckt = np.stack([next(codes) for _ in range(channels)])
+    texts = []
+    for words in channel_words(ex, channels):
+        text, dropped = place_words(words, codes_ckt.shape[2], job.frame_rate, job.encode_text)
+        job.summary.dropped_tokens += dropped
+        texts.append(text)
+    return record_bytes(codes_ckt, np.stack(texts), job.frame_rate, _text(ex["path"]))
+
+
+def _tokenize_split(job: _Job, split: str, sources: Sequence[DataSource], per_shard: int) -> None:
+    """Write this host's missing shards of one split."""
+    refs = _example_refs(sources)
+    count = max(1, math.ceil(len(refs) / per_shard))
+    for index in range(jax.process_index(), count, jax.process_count()):
+        path = job.summary.out_dir / shard_name(split, index, count)
+        if path.is_file():
+            job.summary.shards_done_before += 1
+            continue
+        examples = [sources[s][i] for s, i in refs[index * per_shard : (index + 1) * per_shard]]
+        records = shard_records(job, examples)
+        write_shard(path, records)
+        job.summary.shards_written += 1
+        job.summary.records[split] += len(records)
+
+
+def tokenize_dataset(
+    builder_or_source_dir: Any,
+    out_dir: PathLike,
+    codec_config: str | None = "tiny",
+    checkpoint: PathLike | None = None,
+    tokenizer_path: PathLike | None = None,
+    records_per_shard: int = 256,
+    batch_size: int = 16,
+) -> Summary:
+    """Tokenize every split of a builder, corpus dir or prepared dir into ArrayRecord shards."""
+    t0, out = time.perf_counter(), Path(out_dir)
+    if tokenizer_path is None:
+        raise TokenizeError("a tokenizer model is required (sfm data train-tokenizer)")
+    out.mkdir(parents=True, exist_ok=True)
+    sources = split_sources(resolve_builders(builder_or_source_dir, out))
+    cfg = load_run_config(codec_config, checkpoint, ())
+    sp = load_tokenizer(tokenizer_path)
+    encoder = ShardedEncoder(build_codec(cfg, checkpoint), batch_size)
+    job = _Job(encoder, lambda w: encode_word(sp, w), float(cfg.codec.frame_rate), Summary(out))
+    for split, split_srcs in sources.items():
+        _tokenize_split(job, split, split_srcs, records_per_shard)
+    job.summary.seconds = time.perf_counter() - t0
+    return job.summary

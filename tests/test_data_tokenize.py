@@ -1,0 +1,189 @@
+"""End to end: synthetic corpora -> tfds -> tokenizer -> sharded codec tokenization."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from array_record.python.array_record_module import ArrayRecordReader
+
+from sfm.cli import main
+from sfm.codec_files import build_codec, load_run_config
+from sfm.data.dialogues import synth_dialogues
+from sfm.data.synth_corpus import synth_corpus
+from sfm.data.text_stream import TEXT_EPAD, TEXT_PAD
+from sfm.data.tfds_speech import prepare
+from sfm.data.tokenize import Summary, read_record, tokenize_dataset
+from sfm.data.tokenizer import EPAD_PIECE, load_tokenizer, train_tokenizer, training_texts
+
+PER_SHARD = 3
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A ~20 s mono corpus and ~30 s of dialogues."""
+    root = tmp_path_factory.mktemp("corpora")
+    synth_corpus(root / "mono", minutes=20 / 60, engine="espeak", seed=0)
+    synth_dialogues(root / "dia", minutes=30 / 60, seed=0)
+    return {"mono": root / "mono", "dia": root / "dia"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpora: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small-vocabulary tokenizer trained on both corpora's words."""
+    texts = training_texts([corpora["mono"], corpora["dia"]], [])
+    return train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "spm", 120)
+
+
+@pytest.fixture(scope="module")
+def builders(corpora: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
+    """The corpora prepared with tfds."""
+    data_dir = tmp_path_factory.mktemp("tfds")
+    return [prepare(corpora["mono"], data_dir)[0], prepare(corpora["dia"], data_dir, True)[0]]
+
+
+@pytest.fixture(scope="module")
+def tokenized(
+    builders: list[Any], tokenizer: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Summary]:
+    """The dialogues tokenized on the 8 simulated devices, three records per shard."""
+    out = tmp_path_factory.mktemp("tokens")
+    return out, tokenize_dataset(builders[1], out, "tiny", None, tokenizer, PER_SHARD, 4)
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    """All records of one shard, decoded."""
+    reader = ArrayRecordReader(str(path))
+    try:
+        return [read_record(r) for r in reader.read_all()]
+    finally:
+        reader.close()
+
+
+def _all_records(out: Path) -> dict[str, dict[str, Any]]:
+    """Every record of every shard, by path."""
+    return {r["path"]: r for p in sorted(out.glob("*.array_record")) for r in _records(p)}
+
+
+def test_tokenizer_reserves_pad_ids(tokenizer: Path) -> None:
+    sp = load_tokenizer(tokenizer)
+    assert sp.id_to_piece(TEXT_EPAD) == EPAD_PIECE and sp.pad_id() == TEXT_PAD
+    ids = sp.encode("hello world, the quick brown fox")
+    assert ids and TEXT_EPAD not in ids and TEXT_PAD not in ids
+
+
+def test_records_match_audio(tokenized: tuple[Path, Summary], builders: list[Any]) -> None:
+    out, summary = tokenized
+    assert jax.local_device_count() == 8
+    source = builders[1].as_data_source("train")
+    records = _all_records(out)
+    assert summary.records["train"] == len(source) and not summary.skipped
+    frame_size = load_run_config("tiny", None, ()).codec.frame_size
+    for i in range(len(source)):
+        ex = source[i]
+        rec = records[ex["path"].decode()]
+        n_frames = math.ceil(ex["audio"].shape[0] / frame_size)
+        assert rec["codes"].shape == (2, 4, n_frames) and rec["codes"].dtype == np.int16
+        assert rec["text"].shape == (2, n_frames) and rec["frame_rate"] == 50.0
+
+
+def test_text_has_epad_before_each_word(tokenized: tuple[Path, Summary]) -> None:
+    for rec in _all_records(tokenized[0]).values():
+        for text in rec["text"]:
+            words = np.flatnonzero((text[1:] > TEXT_PAD) & (text[:-1] == TEXT_EPAD))
+            assert len(words) > 0  # both speakers talk in every dialogue
+            epads = np.flatnonzero(text == TEXT_EPAD)
+            assert np.all(text[np.minimum(epads + 1, len(text) - 1)] > TEXT_PAD)
+
+
+def test_sharded_codes_equal_single_device_encode(
+    tokenized: tuple[Path, Summary], builders: list[Any]
+) -> None:
+    cfg = load_run_config("tiny", None, ())
+    model = build_codec(cfg)
+    ex = builders[1].as_data_source("train")[0]
+    rec = _all_records(tokenized[0])[ex["path"].decode()]
+    wav_bt = jnp.asarray(ex["audio"].T.astype(np.float32) / 32768.0)
+    with jax.default_device(jax.devices()[0]):
+        codes = np.asarray(model.encode(wav_bt))
+    np.testing.assert_array_equal(rec["codes"], codes)
+
+
+def test_resume_rewrites_only_missing_shard(
+    tokenized: tuple[Path, Summary], builders: list[Any], tokenizer: Path
+) -> None:
+    out, first = tokenized
+    shards = sorted(out.glob("*.array_record"))
+    assert len(shards) == first.shards_written >= 2
+    before = {p.name: p.read_bytes() for p in shards}
+    victim = shards[1]
+    victim.unlink()
+    again = tokenize_dataset(builders[1], out, "tiny", None, tokenizer, PER_SHARD, 4)
+    assert again.shards_written == 1 and again.shards_done_before == len(shards) - 1
+    assert {p.name: p.read_bytes() for p in out.glob("*.array_record")} == before
+
+
+def test_mono_corpus_dir(corpora: dict[str, Path], tokenizer: Path, tmp_path: Path) -> None:
+    summary = tokenize_dataset(corpora["mono"], tmp_path, "tiny", None, tokenizer, 100, 8)
+    records = _all_records(tmp_path)
+    assert len(records) == sum(summary.records.values()) > 0
+    for rec in records.values():
+        assert rec["codes"].shape[0] == 1 and rec["text"].shape[0] == 1
+        assert np.any(rec["text"] == TEXT_EPAD)
+
+
+class _FakeBuilder:
+    """An in-memory builder: one good and one too-short stereo example."""
+
+    class info:  # noqa: N801 - mimics tfds's builder.info.splits
+        splits = {"train": None}
+
+    def __init__(self, good: dict[str, Any]) -> None:
+        short = {**good, "audio": good["audio"][:100], "path": b"short.wav"}
+        self.examples = [good, short]
+
+    def as_data_source(self, split: str) -> list[dict[str, Any]]:
+        return self.examples
+
+
+def test_bad_examples_are_skipped_and_counted(
+    builders: list[Any], tokenizer: Path, tmp_path: Path
+) -> None:
+    fake = _FakeBuilder(builders[1].as_data_source("train")[0])
+    summary = tokenize_dataset(fake, tmp_path, "tiny", None, tokenizer, 10, 4)
+    assert summary.skipped == {"too_short": 1} and summary.records["train"] == 1
+    assert "too_short 1" in summary.line()
+
+
+def test_cli_from_prepared_dir(
+    builders: list[Any], corpora: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SFM_COMPILE_CACHE", "off")
+    prefix, out = tmp_path / "spm", tmp_path / "tokens"
+    args = ["data", "train-tokenizer", "--corpus", str(corpora["dia"]), "--out", str(prefix)]
+    assert main([*args, "--vocab", "100"]) == 0
+    data_dir = Path(builders[0].data_dir).parent.parent  # holds both prepared builders
+    args = ["data", "tokenize", "--data", str(data_dir), "--out", str(out)]
+    assert main([*args, "--tokenizer", f"{prefix}.model", "--shard-size", "50"]) == 0
+    channels = {r["codes"].shape[0] for r in _all_records(out).values()}
+    assert channels == {1, 2}
+    assert (
+        main(
+            [
+                "data",
+                "tokenize",
+                "--data",
+                str(tmp_path),
+                "--out",
+                str(out),
+                "--tokenizer",
+                f"{prefix}.model",
+            ]
+        )
+        == 2
+    )
