@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-TEXT_PAD = 3
-TEXT_EPAD = 0
+from sfm.data.text_stream import TEXT_EPAD, TEXT_PAD
+
 IGNORE = -1
 
 
