@@ -25,6 +25,7 @@ from typing import Any, TypeVar, overload
 import yaml
 
 from sfm.codec.config import CodecConfig
+from sfm.lm.config import LMConfig
 from sfm.parallel.config import MeshConfig
 
 T = TypeVar("T")
@@ -42,6 +43,7 @@ class Config:
     """Everything a run needs. A new section is a new field holding a frozen dataclass."""
 
     codec: CodecConfig = CodecConfig()
+    lm: LMConfig = LMConfig()
     mesh: MeshConfig = MeshConfig()
     seed: int = 0
 

@@ -110,14 +110,26 @@ def test_each_source_shapes_and_masks(shards: dict[str, str], source: str) -> No
     tokens, mask = batch["tokens"], batch["mask"]
     assert tokens.shape == mask.shape == (4, 1 + 2 * K, SEQ) and tokens.dtype == np.int32
     assert (batch["source"] == pl.SOURCES.index(source)).all()
-    assert (tokens[~mask & (tokens != -1)] >= 0).all() and (tokens[mask] >= 0).all()
+    assert (tokens[~mask & (tokens >= -1)] >= -1).all() and (tokens[mask] >= 0).all()
+    assert ((tokens == lay.INITIAL) == _initial_prefix(tokens)).all()
     assert not mask[:, 1 + K :].any()  # user streams never carry loss
     if source == "text":
         assert (tokens[:, 1:] == -1).all() and mask[:, 0].any()
     if source == "duplex":
         assert (tokens[:, 1 + K :] >= 0).any()
     if source == "speech":
-        assert (tokens[:, 1 + K :] == -1).all()
+        assert np.isin(tokens[:, 1 + K :], (-1, lay.INITIAL)).all()
+
+
+def _initial_prefix(tokens: np.ndarray) -> np.ndarray:
+    """Where INITIAL may appear: the first `delay` frames of each stream of a window that
+    starts at its record's first frame (any frame 0 holding INITIAL marks such a window)."""
+    out = np.zeros(tokens.shape, bool)
+    for b in range(tokens.shape[0]):
+        if (tokens[b, :, 0] == lay.INITIAL).any():
+            for s, d in enumerate(DELAYS):
+                out[b, s, :d] = True
+    return out
 
 
 def test_mixture_proportions(shards: dict[str, str]) -> None:

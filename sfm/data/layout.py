@@ -3,7 +3,9 @@
 Conventions (Moshi, REFERENCE §2):
 - stream 0 is the aligned text (TEXT_PAD=3 fills gaps, TEXT_EPAD=0 marks the frame before a word);
 - streams 1..K are the model's (assistant's) codebooks, K+1..2K the user's;
-- token ``ignore`` (-1) is the "zero embedding": an absent input that the LM embeds as zeros.
+- token ``ignore`` (-1) is the "zero embedding": an absent input that the LM embeds as zeros;
+- token ``INITIAL`` (-2) fills the first ``delay`` frames of a delayed stream, as the initial
+  token the LM also sees before its first frame (Moshi's convention);
 The loss mask covers only the model's streams (text + model codebooks) where they hold real
 tokens; the user's streams are inputs and never carry loss.
 """
@@ -19,7 +21,8 @@ import numpy as np
 
 from sfm.data.text_stream import TEXT_EPAD, TEXT_PAD
 
-IGNORE = -1
+IGNORE = -1  # the "zero embedding": an absent input, never a loss target
+INITIAL = -2  # the stream's initial token: fills the frames before a delayed stream starts
 
 
 def moshi_delays(n_q: int, acoustic_delay: int = 1) -> tuple[int, ...]:
@@ -164,8 +167,11 @@ def interleave(
 def delay_streams(
     tokens_st: np.ndarray, mask_st: np.ndarray, layout: StreamLayout
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Apply the layout's delays to tokens (filled with ``ignore``) and mask (filled False)."""
+    """Apply the layout's delays: a stream's first ``delay`` frames hold ``INITIAL``, its
+    tail beyond the sequence ``ignore``; the mask is False on both."""
     tokens = apply_delays(tokens_st, layout.delays, layout.ignore)
+    for s, d in enumerate(layout.delays):
+        tokens[s, :d] = INITIAL
     mask = apply_delays(mask_st, layout.delays, False)
     return tokens, mask
 

@@ -23,6 +23,8 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ("codebook_dim", None),
     ("norm", None),
     ("layers", None),
+    ("steps", None),
+    ("depth_embed", None),
     ("time", None),
 )
 

@@ -1,0 +1,259 @@
+"""LM building blocks: embeddings with a zero token, per-step linears, GQA attention, layers.
+
+A "step" is a position along the sequence axis that has its own weights: the Moshi depth
+transformer runs one step per codebook with separate weights per step. `steps` is a static
+tuple naming, for each position of the input, which weight set it uses; None means a layer
+with a single weight set.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sfm.data.layout import IGNORE as ZERO_TOKEN
+from sfm.data.layout import INITIAL as INITIAL_TOKEN
+from sfm.nn.init import normal, uniform
+from sfm.nn.norm import RMSNorm
+from sfm.nn.rope import apply_rope
+
+Steps = tuple[int, ...] | None
+State = dict[str, Any]
+
+
+class Embedding(nnx.Module):
+    """Token table [vocab + 1, dim]: the extra row is the initial token; -1 embeds as zeros."""
+
+    def __init__(self, vocab: int, dim: int, *, param_dtype: str = "float32", rngs: nnx.Rngs):
+        self.vocab = vocab
+        table = normal(rngs, (vocab + 1, dim), param_dtype) * dim**-0.5
+        self.embedding = nnx.Param(table, out_sharding=("vocab", "embed"))
+
+    def __call__(self, tokens: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+        ids = jnp.where(tokens == INITIAL_TOKEN, self.vocab, jnp.maximum(tokens, 0))
+        y = jnp.take(self.embedding[...], ids, axis=0).astype(dtype)
+        return jnp.where((tokens == ZERO_TOKEN)[..., None], jnp.zeros((), dtype), y)
+
+
+class StepLinear(nnx.Module):
+    """y = x @ W[s].T with one [out, in] kernel per weight set s (kernel [n_weights, out, in])."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        n_weights: int = 1,
+        axes: tuple[str, str] = ("embed", "mlp"),
+        param_dtype: str = "float32",
+        rngs: nnx.Rngs,
+    ) -> None:
+        self.n_weights = n_weights
+        bound = in_features**-0.5
+        kernel = uniform(rngs, (n_weights, out_features, in_features), bound, param_dtype)
+        self.kernel = nnx.Param(kernel, out_sharding=("steps", axes[1], axes[0]))
+
+    def __call__(self, x_bti: jax.Array, steps: Steps = None) -> jax.Array:
+        w = self.kernel[...].astype(x_bti.dtype)
+        if self.n_weights == 1 or steps is None:
+            return jnp.einsum("...ti,oi->...to", x_bti, w[0])
+        t = x_bti.shape[-2]
+        if len(steps) != t:
+            raise ValueError(f"{len(steps)} weight steps for a sequence of {t}")
+        if steps == tuple(range(steps[0], steps[0] + t)):
+            w_t = w[steps[0] : steps[0] + t]
+        else:
+            w_t = w[jnp.asarray(steps)]
+        return jnp.einsum("...ti,toi->...to", x_bti, w_t)
+
+
+class GatedMlp(nnx.Module):
+    """linear_out(silu(a) * b), [a, b] = linear_in(x): Moshi's SiLU gating, per-step weights."""
+
+    def __init__(
+        self, dim: int, hidden: int, *, n_weights: int, param_dtype: str, rngs: nnx.Rngs
+    ) -> None:
+        self.hidden = hidden
+        kw: dict[str, Any] = dict(n_weights=n_weights, param_dtype=param_dtype, rngs=rngs)
+        self.linear_in = StepLinear(dim, 2 * hidden, axes=("embed", "mlp"), **kw)
+        self.linear_out = StepLinear(hidden, dim, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x_btd: jax.Array, steps: Steps = None) -> jax.Array:
+        ab = self.linear_in(x_btd, steps)
+        a, b = ab[..., : self.hidden], ab[..., self.hidden :]
+        return self.linear_out(jax.nn.silu(a) * b, steps)
+
+
+def attend(
+    q_bqhd: jax.Array, k_bkgd: jax.Array, v_bkgd: jax.Array, mask_bqk: jax.Array
+) -> jax.Array:
+    """Softmax attention (float32 logits) with grouped keys: H query heads share G kv heads."""
+    b, q, h, d = q_bqhd.shape
+    g = k_bkgd.shape[2]
+    q_grouped = q_bqhd.reshape(b, q, g, h // g, d)
+    logits = jnp.einsum("bqgrd,bkgd->bgrqk", q_grouped, k_bkgd).astype(jnp.float32) * d**-0.5
+    logits = jnp.where(mask_bqk[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_bkgd.dtype)
+    return jnp.einsum("bgrqk,bkgd->bqgrd", probs, v_bkgd).reshape(b, q, h * d)
+
+
+def causal_mask(pos_q: jax.Array, pos_k: jax.Array, context: int | None) -> jax.Array:
+    """[B, Tq, Tk]: key k is visible to query q (filled, not in the future, within context)."""
+    delta = pos_q[:, :, None] - pos_k[:, None, :]
+    mask = (pos_k[:, None, :] >= 0) & (delta >= 0)
+    return mask & (delta < context) if context is not None else mask
+
+
+class Attention(nnx.Module):
+    """Causal self-attention, fused [q | k | v] projection, optional RoPE and context window."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        kv_heads: int,
+        *,
+        context: int | None,
+        max_period: float | None,
+        n_weights: int = 1,
+        param_dtype: str = "float32",
+        rngs: nnx.Rngs,
+    ) -> None:
+        self.num_heads, self.kv_heads, self.head_dim = num_heads, kv_heads, dim // num_heads
+        self.context, self.max_period = context, max_period
+        kw: dict[str, Any] = dict(n_weights=n_weights, param_dtype=param_dtype, rngs=rngs)
+        qkv = (num_heads + 2 * kv_heads) * self.head_dim
+        self.in_proj = StepLinear(dim, qkv, axes=("embed", "qkv"), **kw)
+        self.out_proj = StepLinear(dim, dim, axes=("qkv", "embed"), **kw)
+
+    def _qkv(self, x_btd: jax.Array, pos_bt: jax.Array, steps: Steps) -> tuple[jax.Array, ...]:
+        b, t, _ = x_btd.shape
+        h, g, d = self.num_heads, self.kv_heads, self.head_dim
+        proj = self.in_proj(x_btd, steps)
+        q = proj[..., : h * d].reshape(b, t, h, d)
+        k = proj[..., h * d : (h + g) * d].reshape(b, t, g, d)
+        v = proj[..., (h + g) * d :].reshape(b, t, g, d)
+        if self.max_period is not None:
+            q, k = apply_rope(q, k, pos_bt, self.max_period)
+        return q, k, v
+
+    def __call__(self, x_btd: jax.Array, pos_bt: jax.Array, steps: Steps = None) -> jax.Array:
+        q, k, v = self._qkv(x_btd, pos_bt, steps)
+        out = attend(q, k, v, causal_mask(pos_bt, pos_bt, self.context))
+        return self.out_proj(out, steps)
+
+    def init_state(self, batch: int, capacity: int, dtype: Any) -> State:
+        """Ring of `capacity` keys/values [B, capacity, G, D]; `pos` -1 marks an empty slot."""
+        shape = (batch, capacity, self.kv_heads, self.head_dim)
+        return {
+            "k": jnp.zeros(shape, dtype),
+            "v": jnp.zeros(shape, dtype),
+            "pos": jnp.full((batch, capacity), -1, jnp.int32),
+        }
+
+    def step(
+        self, state: State, x_btd: jax.Array, pos_bt: jax.Array, steps: Steps = None
+    ) -> tuple[State, jax.Array]:
+        """Write the new keys into the ring, then attend over it.
+
+        Needs capacity >= context + T - 1 so no key a new query sees is overwritten."""
+        q, k, v = self._qkv(x_btd, pos_bt, steps)
+        slots = pos_bt % state["pos"].shape[1]
+        rows = jnp.arange(pos_bt.shape[0])[:, None]
+        state = {
+            "k": state["k"].at[rows, slots].set(k.astype(state["k"].dtype)),
+            "v": state["v"].at[rows, slots].set(v.astype(state["v"].dtype)),
+            "pos": state["pos"].at[rows, slots].set(pos_bt),
+        }
+        mask = causal_mask(pos_bt, state["pos"], self.context)
+        out = attend(q, state["k"].astype(q.dtype), state["v"].astype(q.dtype), mask)
+        return state, self.out_proj(out, steps)
+
+
+class Layer(nnx.Module):
+    """Pre-norm block: x + attn(rms(x)), then x + gated_mlp(rms(x)) (no layer scale)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        kv_heads: int,
+        hidden: int,
+        *,
+        context: int | None,
+        max_period: float | None,
+        norm_eps: float,
+        n_weights: int = 1,
+        param_dtype: str = "float32",
+        rngs: nnx.Rngs,
+    ) -> None:
+        kw: dict[str, Any] = dict(n_weights=n_weights, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = RMSNorm(dim, eps=norm_eps, param_dtype=param_dtype)
+        self.self_attn = Attention(
+            dim, num_heads, kv_heads, context=context, max_period=max_period, **kw
+        )
+        self.norm2 = RMSNorm(dim, eps=norm_eps, param_dtype=param_dtype)
+        self.gating = GatedMlp(dim, hidden, **kw)
+
+    def __call__(self, x_btd: jax.Array, pos_bt: jax.Array, steps: Steps = None) -> jax.Array:
+        x_btd = x_btd + self.self_attn(self.norm1(x_btd), pos_bt, steps)
+        return x_btd + self.gating(self.norm2(x_btd), steps)
+
+    def step(
+        self, state: State, x_btd: jax.Array, pos_bt: jax.Array, steps: Steps = None
+    ) -> tuple[State, jax.Array]:
+        state, h = self.self_attn.step(state, self.norm1(x_btd), pos_bt, steps)
+        x_btd = x_btd + h
+        return state, x_btd + self.gating(self.norm2(x_btd), steps)
+
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing inside a layer: recompute everything on the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class LayerStack(nnx.Module):
+    """`num_layers` identical layers with stacked parameters ("layers" axis), run by scan."""
+
+    def __init__(self, num_layers: int, *, remat: str = "none", rngs: nnx.Rngs, **layer_kw: Any):
+        self.num_layers, self.remat = num_layers, remat
+
+        @nnx.split_rngs(splits=num_layers)
+        @nnx.vmap(
+            in_axes=(0,),
+            out_axes=0,
+            axis_size=num_layers,
+            transform_metadata={nnx.PARTITION_NAME: "layers"},
+        )
+        def make(rngs: nnx.Rngs) -> Layer:
+            return Layer(rngs=rngs, **layer_kw)
+
+        self.layers = make(rngs)
+
+    def __call__(self, x_btd: jax.Array, pos_bt: jax.Array, steps: Steps = None) -> jax.Array:
+        def body(layer: Layer, x: jax.Array) -> jax.Array:
+            return layer(x, pos_bt, steps)
+
+        if self.remat != "none":
+            body = nnx.remat(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        return nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.layers, x_btd)
+
+    def init_state(self, batch: int, capacity: int, dtype: Any) -> State:
+        """Per-layer KV rings stacked on a leading layer axis."""
+        one = self.layers.self_attn.init_state(batch, capacity, dtype)
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_layers, *a.shape)), one)
+
+    def step(
+        self, state: State, x_btd: jax.Array, pos_bt: jax.Array, steps: Steps = None
+    ) -> tuple[State, jax.Array]:
+        def body(layer: Layer, x: jax.Array, cache: State) -> tuple[jax.Array, State]:
+            cache, x = layer.step(cache, x, pos_bt, steps)
+            return x, cache
+
+        scan = nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+        x_btd, state = scan(self.layers, x_btd, state)
+        return state, x_btd
