@@ -5,11 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-
-def moshi_delays(n_q: int, acoustic_delay: int = 1) -> tuple[int, ...]:
-    """Text and semantic codebooks undelayed, acoustic codebooks `acoustic_delay` frames late."""
-    side = (0,) + (acoustic_delay,) * (n_q - 1)
-    return (0,) + side + side
+from sfm.data.layout import moshi_delays
 
 
 def gated_hidden(dim_feedforward: int) -> int:
