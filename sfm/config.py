@@ -25,8 +25,10 @@ from typing import Any, TypeVar, overload
 import yaml
 
 from sfm.codec.config import CodecConfig
+from sfm.data.pipeline import DataConfig
 from sfm.lm.config import LMConfig
 from sfm.parallel.config import MeshConfig
+from sfm.train.config import TrainConfig
 
 T = TypeVar("T")
 
@@ -44,6 +46,8 @@ class Config:
 
     codec: CodecConfig = CodecConfig()
     lm: LMConfig = LMConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
     mesh: MeshConfig = MeshConfig()
     seed: int = 0
 

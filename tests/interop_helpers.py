@@ -189,3 +189,73 @@ def torch_stream(
             codes.append(c.numpy())
             audio.append(model.decode(c)[:, 0].numpy())
     return np.concatenate(codes, axis=-1), np.concatenate(audio, axis=-1)
+
+
+# ---- Moshi LM --------------------------------------------------------------------------------
+
+
+# moshi/tests/test_lm.py's `_get_lm` config, verbatim (sfm cannot express several of its
+# options: layer norm, sinusoidal positions, shared depformer steps, low-rank embeddings).
+MOSHI_TEST_KWARGS: dict[str, Any] = dict(
+    delays=[0, 1, 2, 4], n_q=3, dep_q=3, card=32, text_card=48, dim=16, num_layers=2,
+    num_heads=1, hidden_scale=1, depformer_dim=16, depformer_multi_linear=True,
+    depformer_weights_per_step=True, depformer_weights_per_step_schedule=[0, 1, 1],
+    depformer_low_rank_embeddings=8, depformer_num_heads=1, depformer_gating="silu", context=4,
+)  # fmt: skip
+# The same, made sfm-compatible: both speakers' codebooks, RMSNorm, SiLU gating, RoPE.
+TINY = dict(
+    MOSHI_TEST_KWARGS,
+    n_q=6,
+    delays=[0, 1, 2, 4, 1, 2, 4],
+    depformer_weights_per_step_schedule=None,
+    depformer_low_rank_embeddings=None,
+    norm="rms_norm_f32",
+    gating="silu",
+    positional_embedding="rope",
+    depformer_pos_emb="none",
+)
+# Grouped-query attention, moshi's 21/8 gated width (hidden_scale 4), rms_norm (eps 1e-5).
+GQA = dict(
+    TINY, dim=32, num_heads=4, kv_repeat=2, hidden_scale=4, norm="rms_norm", depformer_dim=16,
+    depformer_num_heads=2, context=6,
+)  # fmt: skip
+# Moshi 7B's options at reduced size.
+SEVEN_B_SHAPED = dict(
+    loaders._lm_kwargs,
+    dim=256,
+    num_heads=4,
+    num_layers=4,
+    depformer_dim=128,
+    depformer_num_heads=2,
+    depformer_num_layers=2,
+    depformer_dim_feedforward=int(4.125 * 128),
+    text_card=4000,
+    context=250,
+)
+MOSHI_LM_CONFIGS = {"tiny": TINY, "gqa": GQA, "7b_shaped": SEVEN_B_SHAPED}
+
+
+def build_moshi_lm(lm_kwargs: dict[str, Any], seed: int = 0) -> torch.nn.Module:
+    """A random float32 moshi LMModel (eval mode, CPU) with random RMSNorm scales.
+
+    moshi initialises every norm scale to 1, which would hide a misplaced norm weight."""
+    torch.manual_seed(seed)
+    model = loaders.get_moshi_lm(None, lm_kwargs=lm_kwargs, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".alpha"):
+                param.copy_(1.0 + 0.2 * torch.randn_like(param))
+    return model.eval()
+
+
+def random_lm_codes(
+    lm_kwargs: dict[str, Any], batch: int, frames: int, seed: int = 0
+) -> np.ndarray:
+    """Undelayed codes [B, 1 + n_q, T] for a moshi LMModel: random text and audio tokens; the
+    user's codebooks are absent (-1, the zero token) over the first few frames of item 0."""
+    rng = np.random.default_rng(seed)
+    n_q = lm_kwargs["n_q"]
+    text = rng.integers(0, lm_kwargs["text_card"], (batch, 1, frames))
+    audio = rng.integers(0, lm_kwargs["card"], (batch, n_q, frames))
+    audio[0, n_q // 2 :, : frames // 4] = -1
+    return np.concatenate([text, audio], axis=1).astype(np.int64)

@@ -1,0 +1,45 @@
+"""Typed configuration of a training run: task, optimizer, schedule, checkpoints, logging."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warm-up then cosine (or constant) decay, global-norm clipping."""
+
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One run. `task` picks the model and loss; the loop is shared."""
+
+    task: Literal["pretrain", "duplex"] = "pretrain"
+    steps: int = 1000
+    grad_accum: int = 1
+    log_every: int = 10
+    ckpt_every: int = 100
+    keep: int = 3
+    async_checkpoint: bool = True
+    out_dir: str = "runs/default"
+    init_from: str | None = None  # a checkpoint to start from (sfm params file or Moshi)
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank only
+    lora_scaling: float = 2.0
+    nan_policy: Literal["stop", "skip"] = "stop"
+    optim: OptimConfig = OptimConfig()
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "grad_accum", "log_every", "ckpt_every", "keep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}: must be >= 1, got {getattr(self, name)}")

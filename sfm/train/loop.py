@@ -1,0 +1,173 @@
+"""`sfm train`: the LM training loop (interleaved pretraining and duplex fine-tuning).
+
+Read top to bottom: mesh -> model (optionally from a checkpoint, optionally LoRA) ->
+sharded train state -> data -> restore the newest checkpoint -> steps -> checkpoints.
+SIGTERM finishes the current step, saves and exits; after SIGKILL a rerun resumes from the
+last checkpoint and reproduces the uninterrupted run's losses bit for bit (the step's PRNG
+key is derived from the step number and the data iterator is restored with the model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from sfm.config import Config, dump_yaml
+from sfm.data.pipeline import DataConfig, build_dataset
+from sfm.lm.loss import lm_loss_fn
+from sfm.lm.model import LM
+from sfm.parallel.distributed import initialize_from_env
+from sfm.parallel.mesh import build_mesh
+from sfm.train import checkpoint as ckpt
+from sfm.train.step import build_train_step, make_optimizer, shard_batch, split_model
+
+log = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on a non-finite loss or gradient; the message names the step."""
+
+
+@dataclass
+class RunSummary:
+    """What a call to `train` did."""
+
+    out_dir: Path
+    first_step: int
+    last_step: int
+    losses: list[float] = field(default_factory=list)
+    stopped_by_signal: bool = False
+    seconds: float = 0.0
+
+
+class _SigtermFlag:
+    """Set by SIGTERM; the loop checks it between steps."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        log.warning("SIGTERM: finishing this step, saving a checkpoint, then exiting")
+        self.set = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def build_model(cfg: Config) -> LM:
+    """A fresh LM, its weights from `train.init_from` when given, LoRA adapters when asked."""
+    model = LM(cfg.lm, rngs=nnx.Rngs(cfg.seed))
+    if cfg.train.init_from:
+        from sfm.checkpoint_io import load_params
+
+        load_params(model, cfg.train.init_from)
+    if cfg.train.lora_rank > 0:
+        from sfm.lm.lora import apply_lora
+
+        apply_lora(model, cfg.train.lora_rank, cfg.train.lora_scaling)
+    return model
+
+
+def trainable_filter(cfg: Config) -> Any:
+    """nnx filter of what the optimizer updates: the LoRA adapters, or every parameter."""
+    if cfg.train.lora_rank > 0:
+        from sfm.lm.lora import LoRAParam
+
+        return LoRAParam
+    return nnx.Param
+
+
+def data_config(cfg: Config) -> DataConfig:
+    """The run's data settings with the stream layout taken from the LM config."""
+    return dataclasses.replace(
+        cfg.data, n_q=cfg.lm.n_q, delays=cfg.lm.delays, seed=cfg.data.seed or cfg.seed
+    )
+
+
+def _host_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"tokens": batch["tokens"], "mask": batch["mask"]}
+
+
+def train(cfg: Config) -> RunSummary:
+    """Run (or resume) the training described by `cfg`; returns a summary."""
+    t0 = time.perf_counter()
+    initialize_from_env()
+    out = Path(cfg.train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (out / "config.yaml").write_text(dump_yaml(cfg))
+    mesh, rules = build_mesh(cfg.mesh), cfg.mesh.rules
+    tx = make_optimizer(cfg.train.optim, cfg.train.steps)
+    parts = split_model(build_model(cfg), trainable_filter(cfg), tx, mesh, rules)
+    step_fn = build_train_step(parts, lm_loss_fn, cfg.train)
+    iterator = iter(build_dataset(data_config(cfg)))
+    mgr = ckpt.manager(
+        out / "checkpoints", cfg.train.ckpt_every, cfg.train.keep, cfg.train.async_checkpoint
+    )
+    state = {"params": parts.params, "frozen": parts.frozen, "opt_state": parts.opt_state}
+    restored = ckpt.restore_latest(mgr, state, iterator)
+    start = 0
+    if restored is not None:
+        start, state = restored
+        log.info("resumed from %s at step %d", mgr.directory, start)
+    summary = RunSummary(out, start, start)
+    saved = start
+    sigterm = _SigtermFlag()
+    key = jax.random.key(cfg.seed)
+    try:
+        with (out / "metrics.jsonl").open("a") as metrics_file:
+            for step in range(start, cfg.train.steps):
+                batch = shard_batch(_host_batch(next(iterator)), mesh, rules)
+                params, opt_state, metrics = step_fn(
+                    state["params"],
+                    state["frozen"],
+                    state["opt_state"],
+                    batch,
+                    jax.random.fold_in(key, step),
+                )
+                state = {"params": params, "frozen": state["frozen"], "opt_state": opt_state}
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                _check_finite(values, step, cfg)
+                summary.losses.append(values["loss"])
+                summary.last_step = step + 1
+                if jax.process_index() == 0:
+                    metrics_file.write(json.dumps({"step": step + 1, **values}) + "\n")
+                    metrics_file.flush()
+                if (step + 1) % cfg.train.log_every == 0:
+                    log.info("step %d loss %.4f", step + 1, values["loss"])
+                if ckpt.save(mgr, step + 1, state, iterator, force=sigterm.set):
+                    saved = step + 1
+                if sigterm.set:
+                    summary.stopped_by_signal = True
+                    break
+        if saved != summary.last_step:
+            ckpt.save(mgr, summary.last_step, state, iterator, force=True)
+        mgr.wait_until_finished()
+    finally:
+        sigterm.restore()
+        mgr.close()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _check_finite(values: dict[str, float], step: int, cfg: Config) -> None:
+    """Stop (or, with nan_policy "skip", log) on a non-finite loss or gradient norm."""
+    if values["finite"]:
+        return
+    what = f"step {step + 1}: loss {values['loss']}, gradient norm {values['grad_norm']}"
+    if cfg.train.nan_policy == "stop":
+        raise TrainingStopped(
+            f"non-finite {what}; stopping (train.nan_policy=skip skips such steps)"
+        )
+    log.warning("non-finite %s; update skipped", what)

@@ -1,0 +1,177 @@
+"""The LM train loop: sharded == single device, exact resume after SIGKILL, SIGTERM, bad
+checkpoints, restore onto another mesh."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from sfm.config import Config, load_config
+from sfm.data import layout as lay
+from sfm.train.loop import train
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = ROOT / "configs" / "train" / "tiny_pretrain.yaml"
+STEPS = 6
+
+
+def _write_shard(path: Path, channels: int, n: int, seed: int) -> str:
+    """n random tokenized records (tiny vocabularies of 64) in one ArrayRecord file."""
+    rng = np.random.default_rng(seed)
+    writer = ArrayRecordWriter(str(path), "group_size:1")
+    for j in range(n):
+        frames = int(rng.integers(40, 90))
+        text = rng.integers(4, 64, size=(channels, frames)).astype(np.int32)
+        text[rng.random((channels, frames)) < 0.4] = lay.TEXT_PAD
+        text[rng.random((channels, frames)) < 0.1] = lay.TEXT_EPAD
+        codes = rng.integers(0, 64, size=(channels, 4, frames)).astype(np.int16)
+        record = {"codes": codes, "text": text, "frame_rate": 12.5, "path": f"u{j}.wav"}
+        writer.write(lay.encode_record(record))
+    writer.close()
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def overrides(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    root = tmp_path_factory.mktemp("shards")
+    mono = _write_shard(root / "speech-00000-of-00001.array_record", 1, 30, 0)
+    duplex = _write_shard(root / "duplex-00000-of-00001.array_record", 2, 20, 1)
+    return [
+        f"data.speech_paths=[{mono}]",
+        f"data.interleaved_paths=[{mono}]",
+        f"data.duplex_paths=[{duplex}]",
+        "data.weights=[0, 1, 1, 1]",
+    ]
+
+
+def _schedule(extra: tuple[str, ...]) -> list[str]:
+    """STEPS steps with a checkpoint every 2, unless `extra` sets the schedule itself."""
+    if any(e.startswith("train.steps=") for e in extra):
+        return list(extra)
+    return [f"train.steps={STEPS}", "train.ckpt_every=2", *extra]
+
+
+def _config(overrides: list[str], out: Path, *extra: str) -> Config:
+    return load_config(PRESET, [*overrides, f"train.out_dir={out}", *_schedule(extra)])
+
+
+def _losses(out: Path) -> dict[int, float]:
+    """step -> loss from metrics.jsonl; a step logged twice (a resumed run) keeps its last."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def reference(overrides: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run on (data, fsdp, tensor) = (2, 2, 2)."""
+    out = tmp_path_factory.mktemp("reference")
+    summary = train(
+        _config(overrides, out, "mesh.ici_data=2", "mesh.ici_fsdp=2", "mesh.ici_tensor=2")
+    )
+    assert summary.first_step == 0 and summary.last_step == STEPS
+    assert sorted(_losses(out)) == list(range(1, STEPS + 1))
+    return out
+
+
+def _spawn(overrides: list[str], out: Path, devices: int, *extra: str) -> subprocess.Popen:
+    """`python -m sfm.train` in a fresh process with `devices` simulated CPU devices."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    args = [str(PRESET), *overrides, f"train.out_dir={out}", *_schedule(extra)]
+    return subprocess.Popen(
+        [sys.executable, "-m", "sfm.train", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_for_steps(out: Path, proc: subprocess.Popen, n: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    metrics = out / "metrics.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"run did not reach step {n}: {proc.poll()=}")
+
+
+def test_sharded_loss_equals_single_device(
+    overrides: list[str], reference: Path, tmp_path: Path
+) -> None:
+    proc = _spawn(overrides, tmp_path, 1, "mesh.ici_data=1")
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    single, sharded = _losses(tmp_path), _losses(reference)
+    assert len(single) == STEPS >= 5
+    np.testing.assert_allclose(
+        [single[s] for s in single], [sharded[s] for s in single], rtol=0, atol=1e-5
+    )
+
+
+def test_kill9_then_resume_reproduces_losses_bit_for_bit(
+    overrides: list[str], reference: Path, tmp_path: Path
+) -> None:
+    proc = _spawn(overrides, tmp_path, 8, "mesh.ici_data=2", "mesh.ici_fsdp=2", "mesh.ici_tensor=2")
+    _wait_for_steps(tmp_path, proc, 4)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (tmp_path / "checkpoints").exists()
+    summary = train(
+        _config(overrides, tmp_path, "mesh.ici_data=2", "mesh.ici_fsdp=2", "mesh.ici_tensor=2")
+    )
+    assert 0 < summary.first_step < STEPS, "the killed run left no checkpoint to resume from"
+    assert _losses(tmp_path) == _losses(reference)  # exact float equality
+
+
+def test_sigterm_saves_and_exits_cleanly(overrides: list[str], tmp_path: Path) -> None:
+    proc = _spawn(overrides, tmp_path, 8, "train.steps=1000", "train.ckpt_every=1000")
+    _wait_for_steps(tmp_path, proc, 2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    assert "stopped by SIGTERM" in output
+    last = max(_losses(tmp_path))
+    assert last < 1000
+    assert (tmp_path / "checkpoints" / str(last)).is_dir()
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_previous(
+    overrides: list[str], reference: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    latest = run / "checkpoints" / str(STEPS)
+    for f in latest.rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    mesh = ("mesh.ici_data=2", "mesh.ici_fsdp=2", "mesh.ici_tensor=2")
+    with caplog.at_level(logging.WARNING, logger="sfm.train.checkpoint"):
+        summary = train(_config(overrides, run, *mesh))
+    assert summary.first_step == STEPS - 2
+    assert any(f"/{STEPS} is unreadable" in r.getMessage() for r in caplog.records)
+    assert _losses(run) == _losses(reference)
+
+
+def test_restore_onto_a_different_mesh(
+    overrides: list[str], reference: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    shutil.rmtree(run / "checkpoints" / str(STEPS))
+    summary = train(_config(overrides, run, "mesh.ici_data=1", "mesh.ici_fsdp=8"))
+    assert summary.first_step == STEPS - 2
+    resumed, ref = _losses(run), _losses(reference)
+    np.testing.assert_allclose([resumed[s] for s in ref], [ref[s] for s in ref], rtol=0, atol=1e-5)
