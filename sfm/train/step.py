@@ -53,22 +53,37 @@ class TrainParts:
     shardings: dict[str, Any]
 
 
+def train_shardings(
+    params: nnx.State, frozen: nnx.State, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules
+) -> dict[str, Any]:
+    """NamedShardings of params, frozen state and optimizer state (concrete or abstract):
+    optimizer moments follow their parameter, scalars (step counts) are replicated."""
+    p_sh = param_shardings(params, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    o_sh = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        jax.eval_shape(tx.init, params),
+        p_sh,
+        transform_non_params=lambda _: replicated,
+    )
+    return {
+        "params": p_sh,
+        "frozen": param_shardings(frozen, mesh, rules),
+        "opt_state": o_sh,
+        "replicated": replicated,
+    }
+
+
 def split_model(
     model: nnx.Module, trainable: Any, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules
 ) -> TrainParts:
     """Split off the trainable params, shard everything by the rules, init the optimizer."""
     graphdef, params, frozen = nnx.split(model, trainable, ...)
-    p_sh = param_shardings(params, mesh, rules)
-    f_sh = param_shardings(frozen, mesh, rules)
-    params, frozen = jax.device_put(params, p_sh), jax.device_put(frozen, f_sh)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    abstract = jax.eval_shape(tx.init, params)
-    o_sh = optax.tree_map_params(
-        tx, lambda _, s: s, abstract, p_sh, transform_non_params=lambda _: replicated
-    )
-    opt_state = jax.jit(tx.init, out_shardings=o_sh)(params)
-    shardings = {"params": p_sh, "frozen": f_sh, "opt_state": o_sh, "replicated": replicated}
-    return TrainParts(graphdef, params, frozen, opt_state, tx, shardings)
+    sh = train_shardings(params, frozen, tx, mesh, rules)
+    params, frozen = jax.device_put(params, sh["params"]), jax.device_put(frozen, sh["frozen"])
+    opt_state = jax.jit(tx.init, out_shardings=sh["opt_state"])(params)
+    return TrainParts(graphdef, params, frozen, opt_state, tx, sh)
 
 
 def _microbatches(batch: Batch, n: int) -> Batch:
