@@ -29,6 +29,7 @@ from sfm.lm.model import LM
 from sfm.parallel.distributed import initialize_from_env
 from sfm.parallel.mesh import build_mesh
 from sfm.train import checkpoint as ckpt
+from sfm.train.metrics import Reporter, lm_train_flops_per_frame
 from sfm.train.step import build_train_step, make_optimizer, shard_batch, split_model
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,9 @@ def train(cfg: Config) -> RunSummary:
         log.info("resumed from %s at step %d", mgr.directory, start)
     summary = RunSummary(out, start, start)
     saved = start
+    frames = cfg.data.batch_size * jax.process_count() * cfg.data.seq_len
+    flops = lm_train_flops_per_frame(cfg.lm, cfg.data.seq_len) * frames
+    reporter = Reporter(out / "tensorboard", start, cfg.train.steps, frames, flops)
     sigterm = _SigtermFlag()
     key = jax.random.key(cfg.seed)
     try:
@@ -144,6 +148,7 @@ def train(cfg: Config) -> RunSummary:
                 if jax.process_index() == 0:
                     metrics_file.write(json.dumps({"step": step + 1, **values}) + "\n")
                     metrics_file.flush()
+                reporter.step(step + 1, values)
                 if (step + 1) % cfg.train.log_every == 0:
                     log.info("step %d loss %.4f", step + 1, values["loss"])
                 if ckpt.save(mgr, step + 1, state, iterator, force=sigterm.set):
@@ -155,6 +160,7 @@ def train(cfg: Config) -> RunSummary:
             ckpt.save(mgr, summary.last_step, state, iterator, force=True)
         mgr.wait_until_finished()
     finally:
+        reporter.close()
         sigterm.restore()
         mgr.close()
     summary.seconds = time.perf_counter() - t0
