@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Sets up sfm from a fresh clone on Debian: audio tools, .venv, the package (dev, interop, eval).
+# SFM_EXTRAS adds comma-separated extras to those, e.g. SFM_EXTRAS=seqio (TensorFlow: ~2 GB).
 # Idempotent: safe to rerun; apt is skipped when its packages are already installed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -8,6 +9,7 @@ APT_PACKAGES=(espeak-ng libespeak-ng1 sox ffmpeg flite alsa-utils codec2-example
 VENV=.venv
 MOSHI=moshi==0.2.13
 STAMP=$VENV/.sfm-setup-stamp  # fingerprint of the last successful Python install
+EXTRAS="dev,interop,eval${SFM_EXTRAS:+,$SFM_EXTRAS}"
 
 log() { echo "setup: $*"; }
 fail() { echo "setup: error: $*" >&2; exit 1; }
@@ -24,9 +26,15 @@ quietly() {
   rm -f "$out"
 }
 
-# What the Python install depends on: the package metadata, this script and where it lives.
+# What the Python install depends on: the package metadata, this script, where it lives
+# and the extras asked for.
 install_fingerprint() {
-  cat pyproject.toml launch/setup.sh <(pwd) | sha256sum | cut -d' ' -f1
+  cat pyproject.toml launch/setup.sh <(pwd) <(echo "$EXTRAS") | sha256sum | cut -d' ' -f1
+}
+
+check_extras() {
+  [[ "$EXTRAS" =~ ^[a-z0-9_-]+(,[a-z0-9_-]+)*$ ]] \
+    || fail "SFM_EXTRAS must be comma-separated extra names, got '${SFM_EXTRAS:-}'"
 }
 
 as_root() {
@@ -82,12 +90,12 @@ create_venv() {
 
 install_python_packages() {
   if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(install_fingerprint)" ]; then
-    log "Python packages up to date (pyproject.toml unchanged)"
+    log "Python packages up to date (pyproject.toml and extras unchanged)"
     return
   fi
-  log "installing sfm[dev,interop,eval] (editable) and $MOSHI (--no-deps: it pins torch<2.10)"
+  log "installing sfm[$EXTRAS] (editable) and $MOSHI (--no-deps: it pins torch<2.10)"
   rm -f "$STAMP"
-  quietly "$VENV/bin/python" -m pip install -e ".[dev,interop,eval]"
+  quietly "$VENV/bin/python" -m pip install -e ".[$EXTRAS]"
   quietly "$VENV/bin/python" -m pip install --no-deps "$MOSHI"
 }
 
@@ -128,6 +136,7 @@ summary() {
   log "tools: espeak-ng $espeak, sox $sox, ffmpeg $ffmpeg"
 }
 
+check_extras
 install_system_packages
 create_venv
 install_python_packages

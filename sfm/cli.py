@@ -35,7 +35,7 @@ from sfm.data.real_speech import EvalSetError, build_eval_set
 from sfm.data.synth import SynthError
 from sfm.data.synth_corpus import synth_corpus
 from sfm.data.tfds_speech import CorpusError
-from sfm.data.tokenize import TokenizeError, tokenize_dataset
+from sfm.data.tokenize import TEXT_SEQ_TOKENS, TokenizeError, tokenize_dataset, tokenize_text
 from sfm.data.tokenizer import TokenizerError, train_tokenizer, training_texts
 from sfm.interop.mimi import InteropError
 
@@ -169,6 +169,14 @@ def _data_tokenize(args: argparse.Namespace) -> None:
     print(summary.line())
 
 
+def _data_tokenize_text(args: argparse.Namespace) -> None:
+    """`sfm data tokenize-text`: text lines -> packed token sequences in ArrayRecord shards."""
+    summary = tokenize_text(
+        args.text_file, args.out, args.tokenizer, args.seq_tokens, args.shard_size
+    )
+    print(summary.line())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `sfm` argument parser; each leaf sets `run` to its command function."""
     parser = argparse.ArgumentParser(prog="sfm", description="Speech foundation model tools.")
@@ -231,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--shard-size", type=int, default=256, help="records per shard")
     tok.add_argument("--batch-size", type=int, default=16, help="codec batch (channels)")
     tok.set_defaults(run=_data_tokenize)
+    txt = data_cmds.add_parser("tokenize-text", help="text lines -> token ArrayRecord shards")
+    txt.add_argument("text_file", metavar="TEXT_FILE", help="UTF-8 text, one document per line")
+    txt.add_argument("--tokenizer", required=True, help="SentencePiece .model")
+    txt.add_argument("--out", required=True, help="output folder for the shards")
+    txt.add_argument("--seq-tokens", type=int, default=TEXT_SEQ_TOKENS, help="tokens per record")
+    txt.add_argument("--shard-size", type=int, default=1024, help="records per shard")
+    txt.set_defaults(run=_data_tokenize_text)
     return parser
 
 

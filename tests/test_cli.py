@@ -28,6 +28,7 @@ from sfm.codec_files import (
     streaming_codec,
 )
 from sfm.config import dump_yaml
+from sfm.data.text import sentences
 from sfm.interop.mimi import export_mimi
 
 REPO = Path(__file__).resolve().parent.parent
@@ -307,3 +308,46 @@ def test_quickstart(work: Path, encoded: Path, capsys: pytest.CaptureFixture[str
     assert "SI-SDR" in text and "bitrate" in text
     assert sf.info(out / "input.wav").samplerate == 24000
     assert sf.info(out / "output.wav").frames == sf.info(out / "input.wav").frames
+
+
+# ---- data tokenize-text ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_model(work: Path) -> Path:
+    """A small SentencePiece model and a text file with a blank line, via the CLI."""
+    lines = sentences(200, 0)
+    (work / "text.txt").write_text("\n".join([*lines[:5], "", *lines[5:]]) + "\n")
+    args = ["data", "train-tokenizer", "--text", str(work / "text.txt"), "--vocab", "150"]
+    assert main([*args, "--out", str(work / "spm")]) == 0
+    return work / "spm.model"
+
+
+def test_tokenize_text_writes_shards(
+    work: Path, text_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    args = ["data", "tokenize-text", str(work / "text.txt"), "--tokenizer", str(text_model)]
+    args += ["--out", str(work / "text_shards"), "--seq-tokens", "64", "--shard-size", "16"]
+    assert main(args) == 0
+    line = capsys.readouterr().out.strip()
+    assert "201 lines (1 empty, skipped)" in line and "already complete 0" in line
+    shards = sorted((work / "text_shards").glob("text-*-of-*.array_record"))
+    assert len(shards) >= 2 and f"shards written {len(shards)}" in line
+    assert main(args) == 0
+    assert f"already complete {len(shards)}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "case, names",
+    [("missing", "nope.txt"), ("blank", "blank.txt"), ("model", "text.txt"), ("binary", "bin")],
+)
+def test_tokenize_text_errors(
+    work: Path, text_model: Path, capsys: pytest.CaptureFixture[str], case: str, names: str
+) -> None:
+    (work / "blank.txt").write_text("\n  \n\n")
+    (work / "bin.txt").write_bytes(b"ok\n\xff\xfe\x00 bytes\n")
+    text = {"missing": "nope.txt", "blank": "blank.txt", "binary": "bin.txt"}.get(case, "text.txt")
+    model = work / "text.txt" if case == "model" else text_model
+    args = ["data", "tokenize-text", str(work / text), "--tokenizer", str(model)]
+    _run_error(capsys, [*args, "--out", str(work / f"err_{case}")], names)

@@ -172,3 +172,69 @@ def test_exact_resume(shards: dict[str, str], workers: int) -> None:
         got = next(fresh)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
+
+
+def _write(path: Path, records: list[bytes]) -> str:
+    """One ArrayRecord shard of `records`; returns its path."""
+    writer = ArrayRecordWriter(str(path), "")
+    for rec in records:
+        writer.write(rec)
+    writer.close()
+    return str(path)
+
+
+def _broken_speech() -> dict[str, list[bytes]]:
+    """Deliberately broken speech records, by the reason the pipeline should give."""
+    text, codes = np.zeros((1, 30), np.int32), np.zeros((1, 8, 30), np.int16)
+    return {
+        "bad_npz": [b"not an npz at all", np.random.default_rng(0).bytes(200)],
+        "missing_key": [lay.encode_record({"text": text, "frame_rate": 12.5})],
+        "bad_shapes": [
+            lay.encode_record({"codes": np.zeros((3, 8, 30), np.int16), "text": text}),
+            lay.encode_record({"codes": codes, "text": np.zeros((1, 29), np.int32)}),
+            lay.encode_record({"codes": np.zeros((1, 2, 30), np.int16), "text": text}),
+        ],
+        "empty": [lay.encode_record({"codes": codes[..., :0], "text": text[:, :0]})],
+    }
+
+
+def _broken_text() -> dict[str, list[bytes]]:
+    """Deliberately broken text records, by reason."""
+    return {
+        "bad_npz": [b"garbage"],
+        "missing_key": [lay.encode_record({"codes": np.zeros(3)})],
+        "bad_shapes": [lay.encode_record({"tokens": np.zeros((2, 5), np.int32)})],
+        "empty": [lay.encode_record({"tokens": np.zeros(0, np.int32)})],
+    }
+
+
+def _shuffled(good: list[bytes], broken: dict[str, list[bytes]], seed: int) -> list[bytes]:
+    """Good and broken records in a random order."""
+    records = good + [r for rs in broken.values() for r in rs]
+    return [records[i] for i in np.random.default_rng(seed).permutation(len(records))]
+
+
+def test_bad_records_skipped_and_counted(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    speech = [fake_record(rng, 1, 50, i) for i in range(6)]
+    text = [lay.encode_record({"tokens": np.arange(4, 60, dtype=np.int32)})] * 3
+    mono = _write(tmp_path / "mono.array_record", _shuffled(speech, _broken_speech(), 0))
+    texts = _write(tmp_path / "text.array_record", _shuffled(text, _broken_text(), 1))
+    paths = {"mono": mono, "stereo": mono}
+    for source, good, broken in (
+        ("speech", speech, _broken_speech()),
+        ("text", text, _broken_text()),
+    ):
+        cfg = config(
+            paths, text_paths=(texts,), weights=tuple(float(s == source) for s in pl.SOURCES)
+        )
+        pl.BAD_RECORDS.reset()
+        n = len(good) + sum(map(len, broken.values()))
+        epoch = [pl.mixture(cfg)[i] for i in range(n)]  # in-process: exact counts
+        assert sum(e is not None for e in epoch) == len(good)
+        assert pl.bad_record_counts() == {k: len(v) for k, v in broken.items()}
+    it = iter(pl.build_dataset(config(paths, weights=(0.0, 1.0, 0.0, 0.0))))
+    for _ in range(4):  # batches hold only windows of good records, epoch after epoch
+        mask = next(it)["mask"]
+        assert mask.shape == (4, 1 + 2 * K, SEQ) and (mask[:, : 1 + K].sum(-1) >= SEQ - 1).all()
+    it.close()

@@ -16,9 +16,17 @@ from sfm.cli import main
 from sfm.codec_files import build_codec, load_run_config
 from sfm.data.dialogues import synth_dialogues
 from sfm.data.synth_corpus import synth_corpus
+from sfm.data.text import sentences
 from sfm.data.text_stream import TEXT_EPAD, TEXT_PAD
 from sfm.data.tfds_speech import prepare
-from sfm.data.tokenize import Summary, read_record, tokenize_dataset
+from sfm.data.tokenize import (
+    Summary,
+    pack_lines,
+    read_record,
+    read_text_record,
+    tokenize_dataset,
+    tokenize_text,
+)
 from sfm.data.tokenizer import EPAD_PIECE, load_tokenizer, train_tokenizer, training_texts
 
 PER_SHARD = 3
@@ -187,3 +195,54 @@ def test_cli_from_prepared_dir(
         )
         == 2
     )
+
+
+@pytest.fixture(scope="module")
+def text_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small tokenizer trained on generated sentences (no corpus needed)."""
+    return train_tokenizer(sentences(300, 0), tmp_path_factory.mktemp("ttok") / "spm", 150)
+
+
+def _text_shards(out: Path) -> list[np.ndarray]:
+    """Every sequence of every text shard, in shard order."""
+    seqs = []
+    for path in sorted(out.glob("text-*.array_record")):
+        reader = ArrayRecordReader(str(path))
+        seqs += [read_text_record(r) for r in reader.read_all()]
+        reader.close()
+    return seqs
+
+
+def test_pack_lines_keeps_lines_whole() -> None:
+    lines = [[1] * 3, [2] * 4, [3] * 11, [4] * 2, [5] * 5]
+    packed = [p.tolist() for p in pack_lines(lines, 8)]
+    assert packed == [[1] * 3 + [2] * 4, [3] * 8, [3] * 3 + [4] * 2, [5] * 5]
+
+
+def test_tokenize_text_shards(text_tokenizer: Path, tmp_path: Path) -> None:
+    lines = sentences(40, 1)
+    lines[3:3] = ["", "   "]
+    lines.append(" ".join(sentences(12, 2)))  # longer than one sequence: cut
+    (tmp_path / "in.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "text"
+    summary = tokenize_text(tmp_path / "in.txt", out, text_tokenizer, 32, 4)
+    assert summary.lines == len(lines) and summary.empty_lines == 2
+    seqs = _text_shards(out)
+    assert len(seqs) == summary.sequences and summary.shards_written == -(-len(seqs) // 4)
+    assert all(s.dtype == np.int32 and 0 < len(s) <= 32 for s in seqs)
+    sp = load_tokenizer(text_tokenizer)
+    want = [i for line in lines for i in sp.encode(line) if i not in (TEXT_EPAD, TEXT_PAD)]
+    np.testing.assert_array_equal(np.concatenate(seqs), want)
+    assert summary.tokens == len(want) and "2 empty" in summary.line()
+
+
+def test_tokenize_text_resumes(text_tokenizer: Path, tmp_path: Path) -> None:
+    lines = sentences(60, 3)
+    first = tokenize_text(lines, tmp_path, text_tokenizer, 20, 8)
+    shards = sorted(tmp_path.glob("text-*.array_record"))
+    assert first.shards_written == len(shards) >= 3
+    before = {p.name: p.read_bytes() for p in shards}
+    shards[1].unlink()
+    again = tokenize_text(lines, tmp_path, text_tokenizer, 20, 8)
+    assert again.shards_written == 1 and again.shards_done_before == len(shards) - 1
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("text-*")} == before

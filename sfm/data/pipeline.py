@@ -4,13 +4,17 @@ Every stage is a deterministic function of (seed, element index), so a batch ite
 ``get_state()`` / ``set_state()`` resumes exactly, with or without worker processes.
 Each element is {"tokens": int32 [S, seq_len], "mask": bool [S, seq_len], "source": int32};
 batches stack them to [B, S, seq_len] (see sfm.data.layout for the stream conventions).
+Records that cannot be decoded are skipped, logged and counted by BAD_REASONS key
+(``bad_record_counts()``; in-process only, see BAD_RECORDS).
 """
 
 from __future__ import annotations
 
 import glob
 import logging
-from collections.abc import Sequence
+import threading
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -22,6 +26,12 @@ from sfm.data import layout as lay
 
 log = logging.getLogger(__name__)
 SOURCES = ("text", "speech", "interleaved", "duplex")
+BAD_REASONS = {
+    "bad_npz": "bytes that np.load cannot read",
+    "missing_key": "an npz without codes/text (speech) or tokens (text)",
+    "bad_shapes": "arrays of the wrong rank, channel count, length or dtype",
+    "empty": "no frames or tokens at all",
+}
 Element = dict[str, np.ndarray]
 
 
@@ -69,28 +79,104 @@ def sharded_records(paths: Sequence[str], shard: tuple[int, int]) -> grain.MapDa
     return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(list(paths)))[index::count]
 
 
-def _bad(what: str, err: Exception) -> None:
-    """Log a skipped record."""
-    log.warning("skipping bad %s record: %s", what, err)
+class BadRecordCounter:
+    """Thread-safe counts of skipped records by reason, for the current process."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, reason: str) -> int:
+        """Count one skipped record; returns the reason's new count."""
+        with self._lock:
+            self._counts[reason] += 1
+            return self._counts[reason]
+
+    def counts(self) -> dict[str, int]:
+        """A copy of the counts so far, by reason."""
+        with self._lock:
+            return dict(self._counts)
+
+    def reset(self) -> None:
+        """Forget every count."""
+        with self._lock:
+            self._counts.clear()
+
+
+# Records decoded in this process. grain's read-ahead threads decode before elements are
+# consumed; with num_workers > 0 decoding (and counting) happens in the worker processes,
+# whose counts stay there and only show in their log warnings.
+BAD_RECORDS = BadRecordCounter()
+
+
+def bad_record_counts() -> dict[str, int]:
+    """Records skipped by this process so far, by BAD_REASONS key."""
+    return BAD_RECORDS.counts()
+
+
+def _bad(reason: str, err: object) -> None:
+    """Count a skipped record; log the 1st, 10th, 100th, ... of each reason."""
+    n = BAD_RECORDS.add(reason)
+    if str(n).strip("0") == "1":
+        log.warning("skipping bad record (%s, %d so far in this process): %s", reason, n, err)
+
+
+# np.load parses array headers with ast, which CPython 3.11 does not make thread-safe
+# ("AST constructor recursion depth mismatch"): grain's read-ahead threads take turns.
+_NPZ_LOCK = threading.Lock()
+
+
+def _load(data: bytes, keys: tuple[str, ...]) -> dict[str, Any] | None:
+    """npz bytes -> arrays holding `keys`, or None (counted) for a bad record."""
+    try:
+        with _NPZ_LOCK:
+            record = lay.decode_record(data)
+    except Exception as err:  # zip, pickle and format errors alike
+        _bad("bad_npz", err)
+        return None
+    missing = [k for k in keys if k not in record]
+    if missing:
+        _bad("missing_key", f"no {', '.join(missing)} in record with {sorted(record)}")
+        return None
+    return record
 
 
 def decode_av(data: bytes, layout: lay.StreamLayout) -> tuple[np.ndarray, np.ndarray] | None:
     """Record bytes -> undelayed (tokens, mask), or None for a bad record."""
-    try:
-        return lay.to_streams(lay.decode_record(data), layout)
-    except Exception as err:  # pipelines skip bad records rather than stop
-        _bad("audio", err)
+    record = _load(data, ("codes", "text"))
+    if record is None:
         return None
+    try:
+        tokens, mask = lay.to_streams(record, layout)
+    except Exception as err:  # pipelines skip bad records rather than stop
+        _bad("bad_shapes", err)
+        return None
+    if tokens.shape[1] == 0:
+        _bad("empty", "record has no frames")
+        return None
+    return tokens, mask
+
+
+def _text_tokens(data: bytes | np.ndarray) -> np.ndarray | None:
+    """A text record's tokens (an array passes through), or None for a bad npz."""
+    if isinstance(data, np.ndarray):
+        return data
+    record = _load(data, ("tokens",))
+    return None if record is None else np.asarray(record["tokens"])
 
 
 def decode_text(data: bytes | np.ndarray, layout: lay.StreamLayout) -> Any:
     """Text record (npz bytes with key "tokens", or a token array) -> (tokens, mask) or None."""
-    try:
-        tokens_t = data if isinstance(data, np.ndarray) else lay.decode_record(data)["tokens"]
-        return lay.text_to_streams(np.asarray(tokens_t).reshape(-1), layout)
-    except Exception as err:
-        _bad("text", err)
+    tokens_t = _text_tokens(data)
+    if tokens_t is None:
         return None
+    if tokens_t.ndim != 1 or not np.issubdtype(tokens_t.dtype, np.integer):
+        _bad("bad_shapes", f"text tokens {tokens_t.dtype} {tokens_t.shape}, want int [T]")
+        return None
+    if len(tokens_t) == 0:
+        _bad("empty", "text record has no tokens")
+        return None
+    return lay.text_to_streams(tokens_t, layout)
 
 
 def window(
@@ -117,10 +203,8 @@ def window(
     return out
 
 
-def source_dataset(
-    cfg: DataConfig, source: str, records: grain.MapDataset, shuffle_seed: int
-) -> grain.MapDataset:
-    """One source: per-epoch shuffle, infinite repeat, decode, layout and window."""
+def source_fns(cfg: DataConfig, source: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """(decode, window) of one source: bytes -> (tokens, mask) | None; (item, rng) -> Element."""
     layout, k = cfg.layout(), SOURCES.index(source)
     decode = decode_text if source == "text" else decode_av
     fn = partial(
@@ -131,8 +215,16 @@ def source_dataset(
         delayed=source != "text",
         p_text=cfg.p_text_span if source == "interleaved" else 0.0,
     )
+    return partial(decode, layout=layout), fn
+
+
+def source_dataset(
+    cfg: DataConfig, source: str, records: grain.MapDataset, shuffle_seed: int
+) -> grain.MapDataset:
+    """One source: per-epoch shuffle, infinite repeat, decode, layout and window."""
+    decode, fn = source_fns(cfg, source)
     ds = records.shuffle(seed=shuffle_seed).repeat()
-    return ds.map(partial(decode, layout=layout)).random_map(fn, seed=cfg.seed * 1009 + k)
+    return ds.map(decode).random_map(fn, seed=cfg.seed * 1009 + SOURCES.index(source))
 
 
 def mixture(

@@ -39,7 +39,11 @@ class Embedding(nnx.Module):
 
 
 class StepLinear(nnx.Module):
-    """y = x @ W[s].T with one [out, in] kernel per weight set s (kernel [n_weights, out, in])."""
+    """y = x @ W[s].T with one [out, in] kernel per weight set s (kernel [n_weights, out, in]).
+
+    An optional low-rank adapter (see sfm.lm.lora) adds scaling * x @ A[s].T @ B[s].T, with
+    `lora_a` [n_weights, rank, in] and `lora_b` [n_weights, out, rank]; None when absent.
+    """
 
     def __init__(
         self,
@@ -55,19 +59,40 @@ class StepLinear(nnx.Module):
         bound = in_features**-0.5
         kernel = uniform(rngs, (n_weights, out_features, in_features), bound, param_dtype)
         self.kernel = nnx.Param(kernel, out_sharding=("steps", axes[1], axes[0]))
+        self.lora_a: nnx.Param | None = nnx.data(None)
+        self.lora_b: nnx.Param | None = nnx.data(None)
+        self.lora_scaling = 1.0
 
     def __call__(self, x_bti: jax.Array, steps: Steps = None) -> jax.Array:
         w = self.kernel[...].astype(x_bti.dtype)
         if self.n_weights == 1 or steps is None:
-            return jnp.einsum("...ti,oi->...to", x_bti, w[0])
-        t = x_bti.shape[-2]
-        if len(steps) != t:
-            raise ValueError(f"{len(steps)} weight steps for a sequence of {t}")
-        if steps == tuple(range(steps[0], steps[0] + t)):
-            w_t = w[steps[0] : steps[0] + t]
+            y = jnp.einsum("...ti,oi->...to", x_bti, w[0])
         else:
-            w_t = w[jnp.asarray(steps)]
-        return jnp.einsum("...ti,toi->...to", x_bti, w_t)
+            y = jnp.einsum("...ti,toi->...to", x_bti, _per_step(w, steps, x_bti.shape[-2]))
+        return y if self.lora_a is None else y + self._lora(x_bti, steps)
+
+    def _lora(self, x_bti: jax.Array, steps: Steps) -> jax.Array:
+        """The adapter's term scaling * (x @ A[s].T) @ B[s].T."""
+        assert self.lora_a is not None and self.lora_b is not None
+        a = self.lora_a[...].astype(x_bti.dtype)
+        b = self.lora_b[...].astype(x_bti.dtype)
+        if self.n_weights == 1 or steps is None:
+            h = jnp.einsum("...ti,ri->...tr", x_bti, a[0])
+            y = jnp.einsum("...tr,or->...to", h, b[0])
+        else:
+            t = x_bti.shape[-2]
+            h = jnp.einsum("...ti,tri->...tr", x_bti, _per_step(a, steps, t))
+            y = jnp.einsum("...tr,tor->...to", h, _per_step(b, steps, t))
+        return (self.lora_scaling * y).astype(x_bti.dtype)
+
+
+def _per_step(w: jax.Array, steps: tuple[int, ...], t: int) -> jax.Array:
+    """The weight sets [t, ...] that the t positions of a sequence use."""
+    if len(steps) != t:
+        raise ValueError(f"{len(steps)} weight steps for a sequence of {t}")
+    if steps == tuple(range(steps[0], steps[0] + t)):
+        return w[steps[0] : steps[0] + t]
+    return w[jnp.asarray(steps)]
 
 
 class GatedMlp(nnx.Module):

@@ -24,6 +24,7 @@ from sfm.nn.norm import RMSNorm
 State = dict[str, Any]
 
 
+@jax.tree_util.register_dataclass
 @dataclass
 class LMOutput:
     """Logits of one forward pass in the delayed space.

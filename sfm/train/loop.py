@@ -116,7 +116,12 @@ def train(cfg: Config) -> RunSummary:
     mgr = ckpt.manager(
         out / "checkpoints", cfg.train.ckpt_every, cfg.train.keep, cfg.train.async_checkpoint
     )
-    state = {"params": parts.params, "frozen": parts.frozen, "opt_state": parts.opt_state}
+    state = {
+        "params": parts.params,
+        "mutable": parts.mutable,
+        "frozen": parts.frozen,
+        "opt_state": parts.opt_state,
+    }
     restored = ckpt.restore_latest(mgr, state, iterator)
     start = 0
     if restored is not None:
@@ -133,14 +138,15 @@ def train(cfg: Config) -> RunSummary:
         with (out / "metrics.jsonl").open("a") as metrics_file:
             for step in range(start, cfg.train.steps):
                 batch = shard_batch(_host_batch(next(iterator)), mesh, rules)
-                params, opt_state, metrics = step_fn(
+                params, mutable, opt_state, metrics = step_fn(
                     state["params"],
+                    state["mutable"],
                     state["frozen"],
                     state["opt_state"],
                     batch,
                     jax.random.fold_in(key, step),
                 )
-                state = {"params": params, "frozen": state["frozen"], "opt_state": opt_state}
+                state = {**state, "params": params, "mutable": mutable, "opt_state": opt_state}
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 _check_finite(values, step, cfg)
                 summary.losses.append(values["loss"])

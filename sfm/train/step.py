@@ -47,14 +47,21 @@ class TrainParts:
 
     graphdef: nnx.GraphDef
     params: nnx.State
+    mutable: nnx.State  # non-trained state the loss updates (EMA codebooks); often empty
     frozen: nnx.State
     opt_state: Any
     tx: optax.GradientTransformation
     shardings: dict[str, Any]
+    mutable_filter: Any = nnx.Nothing
 
 
 def train_shardings(
-    params: nnx.State, frozen: nnx.State, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules
+    params: nnx.State,
+    mutable: nnx.State,
+    frozen: nnx.State,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: Rules,
 ) -> dict[str, Any]:
     """NamedShardings of params, frozen state and optimizer state (concrete or abstract):
     optimizer moments follow their parameter, scalars (step counts) are replicated."""
@@ -69,6 +76,7 @@ def train_shardings(
     )
     return {
         "params": p_sh,
+        "mutable": param_shardings(mutable, mesh, rules),
         "frozen": param_shardings(frozen, mesh, rules),
         "opt_state": o_sh,
         "replicated": replicated,
@@ -76,14 +84,23 @@ def train_shardings(
 
 
 def split_model(
-    model: nnx.Module, trainable: Any, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules
+    model: nnx.Module,
+    trainable: Any,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: Rules,
+    mutable: Any = nnx.Nothing,
 ) -> TrainParts:
-    """Split off the trainable params, shard everything by the rules, init the optimizer."""
-    graphdef, params, frozen = nnx.split(model, trainable, ...)
-    sh = train_shardings(params, frozen, tx, mesh, rules)
-    params, frozen = jax.device_put(params, sh["params"]), jax.device_put(frozen, sh["frozen"])
+    """Split off the trainable params and the state the loss updates, shard everything by
+    the rules, init the optimizer."""
+    graphdef, params, mut, frozen = nnx.split(model, trainable, mutable, ...)
+    sh = train_shardings(params, mut, frozen, tx, mesh, rules)
+    params, mut, frozen = (
+        jax.device_put(x, sh[k])
+        for x, k in ((params, "params"), (mut, "mutable"), (frozen, "frozen"))
+    )
     opt_state = jax.jit(tx.init, out_shardings=sh["opt_state"])(params)
-    return TrainParts(graphdef, params, frozen, opt_state, tx, sh)
+    return TrainParts(graphdef, params, mut, frozen, opt_state, tx, sh, mutable)
 
 
 def _microbatches(batch: Batch, n: int) -> Batch:
@@ -93,36 +110,53 @@ def _microbatches(batch: Batch, n: int) -> Batch:
 
 def build_train_step(
     parts: TrainParts, loss_fn: LossFn, cfg: TrainConfig
-) -> Callable[..., tuple[nnx.State, Any, dict[str, jax.Array]]]:
-    """jit(step)(params, frozen, opt_state, batch, rng) -> (params, opt_state, metrics)."""
-    graphdef, tx, accum = parts.graphdef, parts.tx, cfg.grad_accum
+) -> Callable[..., tuple[nnx.State, nnx.State, Any, dict[str, jax.Array]]]:
+    """jit(step)(params, mutable, frozen, opt_state, batch, rng)
+    -> (params, mutable, opt_state, metrics); params, mutable and opt_state are donated."""
+    graphdef, tx, accum, mut_filter = parts.graphdef, parts.tx, cfg.grad_accum, parts.mutable_filter
 
-    def loss_of(params: nnx.State, frozen: nnx.State, batch: Batch, rng: jax.Array) -> Any:
-        return loss_fn(nnx.merge(graphdef, params, frozen), batch, rng)
+    def loss_of(
+        params: nnx.State, mutable: nnx.State, frozen: nnx.State, batch: Batch, rng: jax.Array
+    ) -> Any:
+        model = nnx.merge(graphdef, params, mutable, frozen)
+        loss, metrics = loss_fn(model, batch, rng)
+        return loss, (metrics, nnx.state(model, mut_filter))
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
-    def grads_of(params: nnx.State, frozen: nnx.State, batch: Batch, rng: jax.Array) -> Any:
+    def grads_of(
+        params: nnx.State, mutable: nnx.State, frozen: nnx.State, batch: Batch, rng: jax.Array
+    ) -> Any:
         if accum == 1:
-            return grad_fn(params, frozen, batch, rng)
+            return grad_fn(params, mutable, frozen, batch, rng)
 
         def body(carry: Any, xs: tuple[Batch, jax.Array]) -> tuple[Any, None]:
-            (loss, metrics), grads = grad_fn(params, frozen, *xs)
-            acc = jax.tree.map(jnp.add, carry, ((loss, metrics), grads))
-            return acc, None
+            (loss_sum, metrics_sum, mut), grads_sum = carry
+            (loss, (metrics, mut)), grads = grad_fn(params, mut, frozen, *xs)
+            add = lambda a, b: jax.tree.map(jnp.add, a, b)  # noqa: E731
+            return ((loss_sum + loss, add(metrics_sum, metrics), mut), add(grads_sum, grads)), None
 
         rngs = jax.random.split(rng, accum)
         micro = _microbatches(batch, accum)
         first = jax.tree.map(lambda x: x[0], micro)
-        shapes = jax.eval_shape(grad_fn, params, frozen, first, rngs[0])
-        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        total, _ = jax.lax.scan(body, zero, (micro, rngs))
-        return jax.tree.map(lambda x: x / accum, total)
+        (_, (m_shape, _)), g_shape = jax.eval_shape(
+            grad_fn, params, mutable, frozen, first, rngs[0]
+        )
+        zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)  # noqa: E731
+        init = ((jnp.zeros((), jnp.float32), zeros(m_shape), mutable), zeros(g_shape))
+        ((loss, metrics, mutable), grads), _ = jax.lax.scan(body, init, (micro, rngs))
+        mean = lambda t: jax.tree.map(lambda x: x / accum, t)  # noqa: E731
+        return (loss / accum, (mean(metrics), mutable)), mean(grads)
 
     def step(
-        params: nnx.State, frozen: nnx.State, opt_state: Any, batch: Batch, rng: jax.Array
+        params: nnx.State,
+        mutable: nnx.State,
+        frozen: nnx.State,
+        opt_state: Any,
+        batch: Batch,
+        rng: jax.Array,
     ) -> Any:
-        (loss, metrics), grads = grads_of(params, frozen, batch, rng)
+        (loss, (metrics, new_mutable)), grads = grads_of(params, mutable, frozen, batch, rng)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, opt_state, params)
@@ -130,16 +164,17 @@ def build_train_step(
         if cfg.nan_policy == "skip":
             keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
             new_params = jax.tree.map(keep, new_params, params)
+            new_mutable = jax.tree.map(keep, new_mutable, mutable)
             new_opt = jax.tree.map(keep, new_opt, opt_state)
         metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "finite": finite}
-        return new_params, new_opt, metrics
+        return new_params, new_mutable, new_opt, metrics
 
     sh, rep = parts.shardings, parts.shardings["replicated"]
     return jax.jit(
         step,
-        in_shardings=(sh["params"], sh["frozen"], sh["opt_state"], None, rep),
-        out_shardings=(sh["params"], sh["opt_state"], rep),
-        donate_argnums=(0, 2),
+        in_shardings=(sh["params"], sh["mutable"], sh["frozen"], sh["opt_state"], None, rep),
+        out_shardings=(sh["params"], sh["mutable"], sh["opt_state"], rep),
+        donate_argnums=(0, 1, 3),
     )
 
 
