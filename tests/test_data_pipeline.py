@@ -149,6 +149,21 @@ def test_host_sharding_disjoint_and_covering(shards: dict[str, str]) -> None:
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 40
 
 
+def test_hosts_together_make_the_one_host_batches(shards: dict[str, str]) -> None:
+    one = iter(pl.build_dataset(config(shards, batch_size=4, shard_index=0, shard_count=1)))
+    hosts = [
+        iter(pl.build_dataset(config(shards, batch_size=4, shard_index=i, shard_count=2)))
+        for i in (0, 1)
+    ]
+    for _ in range(3):
+        whole, halves = next(one), [next(h) for h in hosts]
+        assert all(h["tokens"].shape[0] == 2 for h in halves)
+        for key in ("tokens", "mask", "source"):
+            np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), whole[key])
+    with pytest.raises(ValueError, match="data.batch_size"):
+        pl.build_dataset(config(shards, batch_size=5, shard_index=0, shard_count=2))
+
+
 def test_deterministic_with_seed(shards: dict[str, str]) -> None:
     def first(seed: int) -> np.ndarray:
         it = iter(pl.build_dataset(config(shards, seed=seed), TEXTS))

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -84,9 +85,16 @@ def reference(overrides: list[str], tmp_path_factory: pytest.TempPathFactory) ->
     return out
 
 
-def _spawn(overrides: list[str], out: Path, devices: int, *extra: str) -> subprocess.Popen:
+def _spawn(
+    overrides: list[str], out: Path, devices: int, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """`python -m sfm.train` in a fresh process with `devices` simulated CPU devices."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env = {
+        **os.environ,
+        **(env or {}),
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    }
     args = [str(PRESET), *overrides, f"train.out_dir={out}", *_schedule(extra)]
     return subprocess.Popen(
         [sys.executable, "-m", "sfm.train", *args],
@@ -175,3 +183,36 @@ def test_restore_onto_a_different_mesh(
     assert summary.first_step == STEPS - 2
     resumed, ref = _losses(run), _losses(reference)
     np.testing.assert_allclose([resumed[s] for s in ref], [ref[s] for s in ref], rtol=0, atol=1e-5)
+
+
+def test_two_hosts_match_one_host(overrides: list[str], reference: Path, tmp_path: Path) -> None:
+    """2 processes x 4 devices (jax.distributed on localhost) == 1 process x 8 devices."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mesh = ("mesh.ici_data=2", "mesh.ici_fsdp=2", "mesh.ici_tensor=2")
+    procs = [
+        _spawn(
+            overrides,
+            tmp_path,
+            4,
+            *mesh,
+            env={
+                "SFM_COORDINATOR": f"127.0.0.1:{port}",
+                "SFM_NUM_PROCESSES": "2",
+                "SFM_PROCESS_ID": str(i),
+            },
+        )
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    two, one = _losses(tmp_path), _losses(reference)
+    assert sorted(two) == sorted(one)
+    np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=0, atol=1e-5)

@@ -37,7 +37,7 @@ Element = dict[str, np.ndarray]
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Shard globs and weight per source, window, batch, seed, layout and host sharding."""
+    """Shard globs and weight per source, window, global batch, seed, layout, host sharding."""
 
     text_paths: tuple[str, ...] = ()
     speech_paths: tuple[str, ...] = ()
@@ -230,13 +230,13 @@ def source_dataset(
 def mixture(
     cfg: DataConfig, text_sequences: Sequence[np.ndarray] | None = None
 ) -> grain.MapDataset:
-    """Weighted, infinite MapDataset of single elements over the non-empty sources."""
-    shard = host_shard(cfg)
+    """Weighted, infinite MapDataset of single elements over the non-empty sources: the
+    global stream, the same on every host."""
     parts, weights = [], []
     for k, (source, weight) in enumerate(zip(SOURCES, cfg.weights)):
-        records = sharded_records(cfg.paths(source), shard) if cfg.paths(source) else None
+        records = sharded_records(cfg.paths(source), (0, 1)) if cfg.paths(source) else None
         if source == "text" and text_sequences is not None:
-            records = grain.MapDataset.source(list(text_sequences))[shard[0] :: shard[1]]
+            records = grain.MapDataset.source(list(text_sequences))
         if records is None or weight <= 0 or len(records) == 0:
             continue
         parts.append(source_dataset(cfg, source, records, cfg.seed * 7919 + k))
@@ -244,6 +244,31 @@ def mixture(
     if not parts:
         raise ValueError("DataConfig: no source has both shards and a positive weight")
     return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+
+
+class HostRows(grain.MapDataset):
+    """This host's rows of every global batch: element j is global element
+    (j // b) * batch + index * b + j % b, with b = batch / count rows per host.
+
+    Every host reads only the records of its own rows, and any number of hosts together
+    produce the same global batches as one host: a run's data does not depend on its
+    process count."""
+
+    def __init__(self, parent: grain.MapDataset, batch: int, shard: tuple[int, int]) -> None:
+        super().__init__(parent)
+        self.batch, (self.index, self.count) = batch, shard
+        if batch % self.count:
+            raise ValueError(f"data.batch_size: {batch} is not divisible by {self.count} hosts")
+        self.rows = batch // self.count
+
+    def __len__(self) -> int:
+        return len(self._parent) // self.count
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return self.slice(index)
+        row, step = index % self.rows, index // self.rows
+        return self._parent[step * self.batch + self.index * self.rows + row]
 
 
 def _ensure_absl_flags() -> None:
@@ -257,9 +282,10 @@ def _ensure_absl_flags() -> None:
 def build_dataset(
     cfg: DataConfig, text_sequences: Sequence[np.ndarray] | None = None
 ) -> grain.IterDataset:
-    """Batched per-host IterDataset of {"tokens" [B,S,T], "mask" [B,S,T], "source" [B]}."""
-    ds = mixture(cfg, text_sequences).to_iter_dataset()
-    ds = ds.batch(cfg.batch_size, drop_remainder=True)
+    """This host's rows of each global batch of `cfg.batch_size`, as an IterDataset of
+    {"tokens" [b,S,T], "mask" [b,S,T], "source" [b]} with b = batch_size / hosts."""
+    rows = HostRows(mixture(cfg, text_sequences), cfg.batch_size, host_shard(cfg))
+    ds = rows.to_iter_dataset().batch(rows.rows, drop_remainder=True)
     if cfg.num_workers > 0:
         _ensure_absl_flags()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))

@@ -129,7 +129,7 @@ def train(cfg: Config) -> RunSummary:
         log.info("resumed from %s at step %d", mgr.directory, start)
     summary = RunSummary(out, start, start)
     saved = start
-    frames = cfg.data.batch_size * jax.process_count() * cfg.data.seq_len
+    frames = cfg.data.batch_size * cfg.data.seq_len
     flops = lm_train_flops_per_frame(cfg.lm, cfg.data.seq_len) * frames
     reporter = Reporter(out / "tensorboard", start, cfg.train.steps, frames, flops)
     sigterm = _SigtermFlag()
