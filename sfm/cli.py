@@ -29,8 +29,9 @@ from sfm.codec_files import (
     streaming_codec,
     warm_up,
 )
-from sfm.config import Config, ConfigError
+from sfm.config import Config, ConfigError, load_config
 from sfm.data.dialogues import synth_dialogues
+from sfm.data.pipeline import DataError
 from sfm.data.real_speech import EvalSetError, build_eval_set
 from sfm.data.synth import SynthError
 from sfm.data.synth_corpus import synth_corpus
@@ -38,6 +39,8 @@ from sfm.data.tfds_speech import CorpusError
 from sfm.data.tokenize import TEXT_SEQ_TOKENS, TokenizeError, tokenize_dataset, tokenize_text
 from sfm.data.tokenizer import TokenizerError, train_tokenizer, training_texts
 from sfm.interop.mimi import InteropError
+from sfm.train.errors import CheckpointError as TrainCheckpointError
+from sfm.train.errors import TrainingStopped
 
 EXIT_USER_ERROR = 2
 CACHE_ENV = "SFM_COMPILE_CACHE"
@@ -177,6 +180,13 @@ def _data_tokenize_text(args: argparse.Namespace) -> None:
     print(summary.line())
 
 
+def _train(args: argparse.Namespace) -> None:
+    """`sfm train CONFIG [KEY=VALUE ...]`: run or resume a training run."""
+    from sfm.train.loop import train
+
+    print(train(load_config(args.config, args.overrides)).line())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `sfm` argument parser; each leaf sets `run` to its command function."""
     parser = argparse.ArgumentParser(prog="sfm", description="Speech foundation model tools.")
@@ -246,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     txt.add_argument("--seq-tokens", type=int, default=TEXT_SEQ_TOKENS, help="tokens per record")
     txt.add_argument("--shard-size", type=int, default=1024, help="records per shard")
     txt.set_defaults(run=_data_tokenize_text)
+    tr = commands.add_parser("train", help="train (or resume) the run a config describes")
+    tr.add_argument(
+        "config", metavar="CONFIG", help="YAML preset, e.g. configs/train/tiny_pretrain.yaml"
+    )
+    tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    tr.set_defaults(run=_train)
     return parser
 
 
@@ -263,6 +279,9 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
 # Exceptions that mean bad input rather than a bug: one line, no traceback.
 USER_ERRORS = (
     CorpusError,
+    DataError,
+    TrainingStopped,
+    TrainCheckpointError,
     TokenizeError,
     TokenizerError,
     AudioError,

@@ -35,6 +35,10 @@ BAD_REASONS = {
 Element = dict[str, np.ndarray]
 
 
+class DataError(ValueError):
+    """Data settings that select nothing to read; the message names the keys."""
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Shard globs and weight per source, window, global batch, seed, layout, host sharding."""
@@ -242,7 +246,9 @@ def mixture(
         parts.append(source_dataset(cfg, source, records, cfg.seed * 7919 + k))
         weights.append(weight)
     if not parts:
-        raise ValueError("DataConfig: no source has both shards and a positive weight")
+        raise DataError(
+            "data: no source has both shard files (data.*_paths) and a positive data.weights entry"
+        )
     return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
 
 

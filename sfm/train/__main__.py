@@ -21,12 +21,7 @@ def main(argv: list[str]) -> int:
         return 2
     from sfm.train.loop import train
 
-    summary = train(cfg)
-    how = "stopped by SIGTERM" if summary.stopped_by_signal else "done"
-    print(
-        f"{summary.out_dir}: steps {summary.first_step}..{summary.last_step} {how} "
-        f"in {summary.seconds:.1f} s"
-    )
+    print(train(cfg).line())
     return 0
 
 

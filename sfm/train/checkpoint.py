@@ -20,11 +20,9 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from sfm.train.errors import CheckpointError
+
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(RuntimeError):
-    """No checkpoint of a run could be restored; the message names the directory."""
 
 
 def manager(

@@ -29,14 +29,11 @@ from sfm.lm.model import LM
 from sfm.parallel.distributed import initialize_from_env
 from sfm.parallel.mesh import build_mesh
 from sfm.train import checkpoint as ckpt
+from sfm.train.errors import TrainingStopped
 from sfm.train.metrics import Reporter, lm_train_flops_per_frame
 from sfm.train.step import build_train_step, make_optimizer, shard_batch, split_model
 
 log = logging.getLogger(__name__)
-
-
-class TrainingStopped(RuntimeError):
-    """Training stopped on a non-finite loss or gradient; the message names the step."""
 
 
 @dataclass
@@ -49,6 +46,15 @@ class RunSummary:
     losses: list[float] = field(default_factory=list)
     stopped_by_signal: bool = False
     seconds: float = 0.0
+
+    def line(self) -> str:
+        """One-line report for the command line."""
+        how = "stopped by SIGTERM" if self.stopped_by_signal else "done"
+        last = f", last loss {self.losses[-1]:.4f}" if self.losses else ""
+        return (
+            f"{self.out_dir}: steps {self.first_step}..{self.last_step} {how}{last} "
+            f"in {self.seconds:.1f} s"
+        )
 
 
 class _SigtermFlag:

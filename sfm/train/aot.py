@@ -1,0 +1,415 @@
+"""Ahead-of-time compile of the train step for a Cloud TPU topology, on any machine.
+
+`compile_for_topology(cfg, "v5p-128")` builds the model abstractly, shards it over a mesh of
+the topology's (virtual) devices, lowers and compiles the jitted train step with libtpu
+(`pip install sfm[tpu]`) and reports per-device memory and FLOPs, so a config can be checked
+to fit before any TPU is rented. Out-of-HBM fails here, as it would on the real slice.
+
+FLOPs: "model" is the analytic training count used for MFU (sfm.train.metrics); XLA's cost
+analysis of the compiled step counts a loop body once, so with the layers under `scan` it
+sees one layer per stack and is a lower bound.
+
+Topology names follow Cloud TPU: the number counts TensorCores on v4 and v5p (2 per chip,
+one megacore device) and chips on v5e and v6e. An explicit shape such as `v5p:4x4x8` or
+`v6e:8x16` is accepted too.
+
+| name      | libtpu topology  | chips | devices | hosts | HBM / chip |
+|-----------|------------------|-------|---------|-------|------------|
+| v4-8      | v4:2x2x1         | 4     | 4       | 1     | 32 GiB     |
+| v4-32     | v4:2x2x4         | 16    | 16      | 4     | 32 GiB     |
+| v5p-8     | v5:2x2x1         | 4     | 4       | 1     | 95 GiB     |
+| v5p-32    | v5:2x2x4         | 16    | 16      | 4     | 95 GiB     |
+| v5p-64    | v5:2x4x4         | 32    | 32      | 8     | 95 GiB     |
+| v5p-128   | v5:4x4x4         | 64    | 64      | 16    | 95 GiB     |
+| v5p-256   | v5:4x4x8         | 128   | 128     | 32    | 95 GiB     |
+| v5e-1     | v5e:1x1          | 1     | 1       | 1     | 16 GiB     |
+| v5e-4     | v5e:2x2          | 4     | 4       | 1     | 16 GiB     |
+| v5e-8     | v5e:2x4          | 8     | 8       | 1     | 16 GiB     |
+| v5e-16    | v5e:4x4          | 16    | 16      | 4     | 16 GiB     |
+| v5e-256   | v5e:16x16        | 256   | 256     | 64    | 16 GiB     |
+| v6e-8     | v6e:2x4          | 8     | 8       | 1     | 32 GiB     |
+| v6e-64    | v6e:8x8          | 64    | 64      | 16    | 32 GiB     |
+
+v4 and v5p are 3-D (chip config "megacore", 4 chips per host as 2x2x1, wraparound links on
+full 4x4x4 cubes and up); v5e and v6e are 2-D (4 chips per host, 8 on a single-host 2x4).
+Run as `python -m sfm.train.aot CONFIG --topology NAME [KEY=VALUE ...]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from sfm.config import Config, ConfigError, load_config
+from sfm.lm.loss import lm_loss_fn
+from sfm.parallel.mesh import build_mesh
+from sfm.parallel.rules import batch_sharding
+from sfm.train.loop import build_model, trainable_filter
+from sfm.train.metrics import lm_train_flops_per_frame
+from sfm.train.step import TrainParts, build_train_step, make_optimizer, train_shardings
+
+GiB = 1024**3
+
+
+class AotError(RuntimeError):
+    """The program does not fit (or does not compile) on the topology; one line says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """A TPU generation as libtpu names it."""
+
+    prefix: str  # libtpu topology prefix ("v5" for v5p)
+    chip_config: str
+    dims: int  # 2-D (v5e, v6e) or 3-D (v4, v5p) chip grid
+    cores_per_chip: int  # what the Cloud TPU name counts per chip
+    hbm_bytes: int
+
+
+GENERATIONS: dict[str, Generation] = {
+    "v4": Generation("v4", "megacore", 3, 2, 32 * GiB),
+    "v5p": Generation("v5", "megacore", 3, 2, 95 * GiB),
+    "v5e": Generation("v5e", "default", 2, 1, 16 * GiB),
+    "v6e": Generation("v6e", "default", 2, 1, 32 * GiB),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A single-slice TPU topology: its Cloud name, chip grid and libtpu arguments."""
+
+    name: str
+    generation: Generation
+    shape: tuple[int, ...]
+
+    @property
+    def chips(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def libtpu_name(self) -> str:
+        return f"{self.generation.prefix}:{'x'.join(map(str, self.shape))}"
+
+    @property
+    def chips_per_host(self) -> tuple[int, int, int]:
+        """4 chips per host as 2x2x1; a single-host 2-D slice of 8 chips is one 2x4 host."""
+        if self.generation.dims == 2 and self.shape == (2, 4):
+            return (2, 4, 1)
+        padded = (*self.shape, 1, 1)[:3]
+        return (min(padded[0], 2), min(padded[1], 2), 1)
+
+    @property
+    def wrap(self) -> tuple[bool, bool, bool]:
+        """Wraparound (torus) links: 3-D slices of full 4x4x4 cubes and up."""
+        torus = self.generation.dims == 3 and all(s % 4 == 0 for s in self.shape)
+        return (torus,) * 3
+
+
+def _grid(chips: int, dims: int) -> tuple[int, ...]:
+    """Cloud TPU's chip grid for a power-of-two chip count (2x2x1, 2x2x2, 2x2x4, 2x4x4, ...)."""
+    e = chips.bit_length() - 1
+    if dims == 3 and chips == 4:
+        return (2, 2, 1)
+    base, extra = divmod(e, dims)
+    return tuple(2 ** (base + (i >= dims - extra)) for i in range(dims))
+
+
+def parse_topology(name: str) -> Topology:
+    """ "v5p-128" (Cloud name) or "v5p:4x4x4" (explicit chip grid) -> Topology."""
+    m = re.fullmatch(r"(v4|v5p|v5e|v6e)(?:-(\d+)|:(\d+(?:x\d+)+))", name.strip().lower())
+    if m is None:
+        known = ", ".join(GENERATIONS)
+        raise AotError(f"topology {name!r}: expected <gen>-<N> or <gen>:<AxB[xC]> with gen {known}")
+    gen = GENERATIONS[m.group(1)]
+    if m.group(3):
+        shape = tuple(int(s) for s in m.group(3).split("x"))
+        if len(shape) != gen.dims:
+            raise AotError(f"topology {name!r}: {m.group(1)} slices are {gen.dims}-D grids")
+        return Topology(name, gen, shape)
+    count = int(m.group(2))
+    chips, rest = divmod(count, gen.cores_per_chip)
+    if rest or chips < 1 or chips & (chips - 1):
+        unit = "TensorCores (2 per chip)" if gen.cores_per_chip == 2 else "chips"
+        raise AotError(
+            f"topology {name!r}: the number counts {unit} and must give a power-of-two chip "
+            f"count; give an explicit grid ({m.group(1)}:AxB{'xC' * (gen.dims == 3)}) otherwise"
+        )
+    return Topology(name, gen, _grid(chips, gen.dims))
+
+
+def topology_devices(topo: Topology) -> list[jax.Device]:
+    """The topology's virtual TPU devices (needs libtpu; touches no TPU hardware)."""
+    # Compiling only: do not take libtpu's single-user lock from a process using the chips.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    try:
+        desc = topologies.get_topology_desc(
+            platform="tpu",
+            topology_name=topo.libtpu_name,
+            chip_config_name=topo.generation.chip_config,
+            chips_per_host_bounds=topo.chips_per_host,
+            wrap=topo.wrap,
+            num_slices=1,
+        )
+    except Exception as err:  # libtpu missing or a name it refuses
+        raise AotError(f"topology {topo.name} ({topo.libtpu_name}): {_first_line(err)}") from err
+    return list(desc.devices)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+    """Per-device memory and FLOPs of one compiled train step on a topology."""
+
+    config: str
+    topology: str
+    libtpu_topology: str
+    devices: int
+    hosts: int
+    mesh: dict[str, int]
+    global_batch: int
+    seq_len: int
+    params: int  # parameters of the model (trained and frozen)
+    trainable: int
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    code_bytes: int
+    peak_bytes: int
+    hbm_bytes: int
+    xla_flops: float  # per device and step, XLA's cost analysis of the compiled program
+    model_flops: float  # analytic training FLOPs of the whole step, all devices
+    compile_seconds: float
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.hbm_bytes - self.peak_bytes
+
+    @property
+    def headroom_fraction(self) -> float:
+        return self.headroom_bytes / self.hbm_bytes
+
+    def table(self) -> str:
+        """The report as a short two-column table."""
+        mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
+        per_device = self.model_flops / self.devices
+        rows = [
+            ("config", self.config),
+            ("topology", f"{self.topology} ({self.libtpu_topology}, {self.hosts} hosts)"),
+            ("mesh", f"{mesh} ({self.devices} devices)"),
+            ("batch", f"{self.global_batch} x {self.seq_len} frames"),
+            ("parameters", f"{_count(self.params)} ({_count(self.trainable)} trained)"),
+            ("arguments / device", _bytes(self.argument_bytes)),
+            (
+                "outputs / device",
+                f"{_bytes(self.output_bytes)} ({_bytes(self.alias_bytes)} donated)",
+            ),
+            ("temporaries / device", _bytes(self.temp_bytes)),
+            ("peak / device", _bytes(self.peak_bytes)),
+            ("HBM / device", _bytes(self.hbm_bytes)),
+            ("headroom / device", f"{_bytes(self.headroom_bytes)} ({self.headroom_fraction:.0%})"),
+            ("model FLOPs / step", f"{self.model_flops:.3e} ({per_device:.3e} / device)"),
+            ("XLA FLOPs / device", f"{self.xla_flops:.3e} (scanned layers counted once)"),
+            ("compile time", f"{self.compile_seconds:.1f} s"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _bytes(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / 2**20:.1f} MiB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.3f} M"
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `tree` carrying `shardings` (same structure)."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def _size(tree: Any) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def abstract_parts(cfg: Config, mesh: Mesh) -> TrainParts:
+    """TrainParts of ShapeDtypeStructs with shardings: nothing is allocated."""
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=None))
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: build_model(cfg))
+    graphdef, params, mutable, frozen = nnx.split(model, trainable_filter(cfg), nnx.Nothing, ...)
+    tx = make_optimizer(cfg.train.optim, cfg.train.steps)
+    rules = cfg.mesh.rules
+    sh = train_shardings(params, mutable, frozen, tx, mesh, rules)
+    params, mutable, frozen = (
+        _abstract(x, sh[k])
+        for x, k in ((params, "params"), (mutable, "mutable"), (frozen, "frozen"))
+    )
+    opt_state = _abstract(jax.eval_shape(tx.init, params), sh["opt_state"])
+    return TrainParts(graphdef, params, mutable, frozen, opt_state, tx, sh)
+
+
+def abstract_batch(cfg: Config, mesh: Mesh, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """tokens int32 / mask bool [global_batch, n_streams, seq_len], sharded on the batch axis."""
+    shape = (global_batch, cfg.lm.n_streams, cfg.data.seq_len)
+    sharding = batch_sharding(mesh, cfg.mesh.rules, len(shape))
+    return {
+        "tokens": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding),
+        "mask": jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=sharding),
+    }
+
+
+def _global_batch(cfg: Config, mesh: Mesh, hosts: int, label: str) -> int:
+    """data.batch_size per host, times the hosts; checked against the batch sharding."""
+    batch = cfg.data.batch_size * hosts
+    spec = batch_sharding(mesh, cfg.mesh.rules, 1).spec
+    axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],) if spec[0] else ()
+    ways = math.prod(mesh.shape[a] for a in axes)
+    if batch % ways:
+        raise AotError(
+            f"{label}: global batch {batch} (data.batch_size={cfg.data.batch_size} x {hosts} "
+            f"hosts) is not divisible by the {ways}-way batch sharding over {axes}"
+        )
+    return batch
+
+
+def _compile(step: Any, args: tuple[Any, ...], label: str) -> tuple[Any, float]:
+    """Lower and compile; out-of-memory becomes an AotError."""
+    t0 = time.perf_counter()
+    try:
+        compiled = step.lower(*args).compile()
+    except Exception as err:  # XLA raises JaxRuntimeError / XlaRuntimeError
+        if "RESOURCE_EXHAUSTED" in str(err):
+            raise AotError(f"{label}: out of HBM at compile time: {_oom_summary(err)}") from err
+        raise
+    return compiled, time.perf_counter() - t0
+
+
+def _oom_summary(err: BaseException) -> str:
+    """XLA's out-of-memory message (the sizes it needs and has) on one line."""
+    text = _first_line(err).removeprefix("RESOURCE_EXHAUSTED:").strip()
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def compile_for_topology(cfg: Config, topology: str, label: str = "config") -> CompileReport:
+    """Compile `cfg`'s train step for a TPU topology and report its per-device memory.
+
+    Raises AotError when the program needs more HBM than a chip has."""
+    topo = parse_topology(topology)
+    where = f"{label} on {topo.name}"
+    devices = topology_devices(topo)
+    hosts = len({d.process_index for d in devices})
+    try:
+        mesh = build_mesh(cfg.mesh, devices)
+    except ValueError as err:
+        raise AotError(f"{where}: {err}") from err
+    batch = _global_batch(cfg, mesh, hosts, where)
+    shape = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
+    where = f"{where} (mesh {shape}, batch {batch} x {cfg.data.seq_len})"
+    parts = abstract_parts(cfg, mesh)
+    step = build_train_step(parts, lm_loss_fn, cfg.train)
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parts.shardings["replicated"])
+    args = (parts.params, parts.mutable, parts.frozen, parts.opt_state)
+    compiled, seconds = _compile(step, (*args, abstract_batch(cfg, mesh, batch), rng), where)
+    report = _report(cfg, label, topo, mesh, hosts, batch, parts, compiled, seconds)
+    if report.peak_bytes > report.hbm_bytes:
+        raise AotError(
+            f"{where}: peak {report.peak_bytes / GiB:.2f} GiB per device exceeds the "
+            f"{report.hbm_bytes / GiB:.0f} GiB of HBM"
+        )
+    return report
+
+
+def _report(
+    cfg: Config,
+    label: str,
+    topo: Topology,
+    mesh: Mesh,
+    hosts: int,
+    batch: int,
+    parts: TrainParts,
+    compiled: Any,
+    seconds: float,
+) -> CompileReport:
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    peak = getattr(mem, "peak_memory_in_bytes", 0) or (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+        + mem.generated_code_size_in_bytes
+    )
+    trainable = _size(parts.params)
+    frames = batch * cfg.data.seq_len
+    return CompileReport(
+        config=label,
+        topology=topo.name,
+        libtpu_topology=topo.libtpu_name,
+        devices=mesh.size,
+        hosts=hosts,
+        mesh=dict(mesh.shape),
+        global_batch=batch,
+        seq_len=cfg.data.seq_len,
+        params=trainable + _size(parts.frozen) + _size(parts.mutable),
+        trainable=trainable,
+        argument_bytes=mem.argument_size_in_bytes,
+        output_bytes=mem.output_size_in_bytes,
+        alias_bytes=mem.alias_size_in_bytes,
+        temp_bytes=mem.temp_size_in_bytes,
+        code_bytes=mem.generated_code_size_in_bytes,
+        peak_bytes=peak,
+        hbm_bytes=topo.generation.hbm_bytes,
+        xla_flops=float(cost.get("flops", 0.0)) if cost else 0.0,
+        model_flops=lm_train_flops_per_frame(cfg.lm, cfg.data.seq_len) * frames,
+        compile_seconds=seconds,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m sfm.train.aot CONFIG --topology NAME [KEY=VALUE ...]`: print the report."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sfm.train.aot",
+        description="Compile the train step for a TPU topology; report memory and FLOPs.",
+    )
+    parser.add_argument("config", metavar="CONFIG", help="YAML preset (e.g. configs/lm/...)")
+    parser.add_argument("--topology", required=True, help="v5p-128, v5e-16, v6e-64, v4-32, ...")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    args = parser.parse_intermixed_args(argv)
+    # Everything is abstract: keep JAX off local accelerators and libtpu's host discovery quiet.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        report = compile_for_topology(cfg, args.topology, label=args.config)
+    except (ConfigError, AotError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
+    print(report.table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
