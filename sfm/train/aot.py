@@ -53,14 +53,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from sfm.config import Config, ConfigError, load_config
-from sfm.lm.loss import lm_loss_fn
 from sfm.parallel.mesh import build_mesh
 from sfm.parallel.rules import batch_sharding
-from sfm.train.loop import build_model, trainable_filter
-from sfm.train.metrics import lm_train_flops_per_frame
 from sfm.train.step import TrainParts, build_train_step, make_optimizer, train_shardings
+from sfm.train.tasks import Task, get_task
 
 GiB = 1024**3
+LM_TASKS = ("pretrain", "duplex")  # tasks whose batch is LM tokens and mask [B, S, T]
 
 
 class AotError(RuntimeError):
@@ -127,7 +126,7 @@ def _grid(chips: int, dims: int) -> tuple[int, ...]:
 
 
 def parse_topology(name: str) -> Topology:
-    """ "v5p-128" (Cloud name) or "v5p:4x4x4" (explicit chip grid) -> Topology."""
+    """The Topology of a Cloud TPU name ("v5p-128") or an explicit grid ("v5p:4x4x4")."""
     m = re.fullmatch(r"(v4|v5p|v5e|v6e)(?:-(\d+)|:(\d+(?:x\d+)+))", name.strip().lower())
     if m is None:
         known = ", ".join(GENERATIONS)
@@ -206,17 +205,16 @@ class CompileReport:
         """The report as a short two-column table."""
         mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
         per_device = self.model_flops / self.devices
+        hosts = f"{self.hosts} host{'s' * (self.hosts != 1)}"
         rows = [
             ("config", self.config),
-            ("topology", f"{self.topology} ({self.libtpu_topology}, {self.hosts} hosts)"),
+            ("topology", f"{self.topology} ({self.libtpu_topology}, {hosts})"),
             ("mesh", f"{mesh} ({self.devices} devices)"),
             ("batch", f"{self.global_batch} x {self.seq_len} frames"),
             ("parameters", f"{_count(self.params)} ({_count(self.trainable)} trained)"),
             ("arguments / device", _bytes(self.argument_bytes)),
-            (
-                "outputs / device",
-                f"{_bytes(self.output_bytes)} ({_bytes(self.alias_bytes)} donated)",
-            ),
+            ("outputs / device", _bytes(self.output_bytes)),
+            ("donated / device", _bytes(self.alias_bytes)),
             ("temporaries / device", _bytes(self.temp_bytes)),
             ("peak / device", _bytes(self.peak_bytes)),
             ("HBM / device", _bytes(self.hbm_bytes)),
@@ -253,21 +251,21 @@ def _size(tree: Any) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
-def abstract_parts(cfg: Config, mesh: Mesh) -> TrainParts:
+def abstract_parts(cfg: Config, task: Task, mesh: Mesh) -> TrainParts:
     """TrainParts of ShapeDtypeStructs with shardings: nothing is allocated."""
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=None))
     with nnx.use_eager_sharding(False):
-        model = nnx.eval_shape(lambda: build_model(cfg))
-    graphdef, params, mutable, frozen = nnx.split(model, trainable_filter(cfg), nnx.Nothing, ...)
+        model = nnx.eval_shape(lambda: task.build_model(cfg))
+    mutable_filter = task.mutable(cfg)
+    graphdef, params, mutable, frozen = nnx.split(model, task.trainable(cfg), mutable_filter, ...)
     tx = make_optimizer(cfg.train.optim, cfg.train.steps)
-    rules = cfg.mesh.rules
-    sh = train_shardings(params, mutable, frozen, tx, mesh, rules)
+    sh = train_shardings(params, mutable, frozen, tx, mesh, cfg.mesh.rules)
     params, mutable, frozen = (
         _abstract(x, sh[k])
         for x, k in ((params, "params"), (mutable, "mutable"), (frozen, "frozen"))
     )
     opt_state = _abstract(jax.eval_shape(tx.init, params), sh["opt_state"])
-    return TrainParts(graphdef, params, mutable, frozen, opt_state, tx, sh)
+    return TrainParts(graphdef, params, mutable, frozen, opt_state, tx, sh, mutable_filter)
 
 
 def abstract_batch(cfg: Config, mesh: Mesh, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -318,6 +316,8 @@ def compile_for_topology(cfg: Config, topology: str, label: str = "config") -> C
     Raises AotError when the program needs more HBM than a chip has."""
     topo = parse_topology(topology)
     where = f"{label} on {topo.name}"
+    if cfg.train.task not in LM_TASKS:
+        raise AotError(f"{where}: train.task={cfg.train.task}: only {', '.join(LM_TASKS)} compile")
     devices = topology_devices(topo)
     hosts = len({d.process_index for d in devices})
     try:
@@ -327,8 +327,9 @@ def compile_for_topology(cfg: Config, topology: str, label: str = "config") -> C
     batch = _global_batch(cfg, mesh, hosts, where)
     shape = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
     where = f"{where} (mesh {shape}, batch {batch} x {cfg.data.seq_len})"
-    parts = abstract_parts(cfg, mesh)
-    step = build_train_step(parts, lm_loss_fn, cfg.train)
+    task = get_task(cfg)
+    parts = abstract_parts(cfg, task, mesh)
+    step = build_train_step(parts, task.loss_fn(cfg), cfg.train)
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parts.shardings["replicated"])
     args = (parts.params, parts.mutable, parts.frozen, parts.opt_state)
     compiled, seconds = _compile(step, (*args, abstract_batch(cfg, mesh, batch), rng), where)
@@ -363,7 +364,6 @@ def _report(
         + mem.generated_code_size_in_bytes
     )
     trainable = _size(parts.params)
-    frames = batch * cfg.data.seq_len
     return CompileReport(
         config=label,
         topology=topo.name,
@@ -383,7 +383,7 @@ def _report(
         peak_bytes=peak,
         hbm_bytes=topo.generation.hbm_bytes,
         xla_flops=float(cost.get("flops", 0.0)) if cost else 0.0,
-        model_flops=lm_train_flops_per_frame(cfg.lm, cfg.data.seq_len) * frames,
+        model_flops=get_task(cfg).cost(cfg)[1] * hosts,
         compile_seconds=seconds,
     )
 

@@ -25,9 +25,9 @@ class OptimConfig:
 class TrainConfig:
     """One run. `task` picks the model and loss; the loop is shared."""
 
-    task: Literal["pretrain", "duplex"] = "pretrain"
+    task: Literal["pretrain", "duplex", "codec"] = "pretrain"
     steps: int = 1000
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per step; the loss is their mean (each normalised)
     log_every: int = 10
     ckpt_every: int = 100
     keep: int = 3

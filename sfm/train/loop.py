@@ -1,7 +1,7 @@
-"""`sfm train`: the LM training loop (interleaved pretraining and duplex fine-tuning).
+"""`sfm train`: the training loop shared by every task (see sfm.train.tasks).
 
-Read top to bottom: mesh -> model (optionally from a checkpoint, optionally LoRA) ->
-sharded train state -> data -> restore the newest checkpoint -> steps -> checkpoints.
+Read top to bottom: mesh -> the task's model -> sharded train state -> the task's data ->
+restore the newest checkpoint -> steps -> checkpoints -> export of the trained weights.
 SIGTERM finishes the current step, saves and exits; after SIGKILL a rerun resumes from the
 last checkpoint and reproduces the uninterrupted run's losses bit for bit (the step's PRNG
 key is derived from the step number and the data iterator is restored with the model).
@@ -9,7 +9,6 @@ key is derived from the step number and the data iterator is restored with the m
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import signal
@@ -19,19 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
 
 from sfm.config import Config, dump_yaml
-from sfm.data.pipeline import DataConfig, build_dataset
-from sfm.lm.loss import lm_loss_fn
-from sfm.lm.model import LM
 from sfm.parallel.distributed import initialize_from_env
 from sfm.parallel.mesh import build_mesh
 from sfm.train import checkpoint as ckpt
 from sfm.train.errors import TrainingStopped
-from sfm.train.metrics import Reporter, lm_train_flops_per_frame
+from sfm.train.metrics import Reporter
 from sfm.train.step import build_train_step, make_optimizer, shard_batch, split_model
+from sfm.train.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +42,7 @@ class RunSummary:
     losses: list[float] = field(default_factory=list)
     stopped_by_signal: bool = False
     seconds: float = 0.0
+    export: Path | None = None  # the trained weights, written when the run completes
 
     def line(self) -> str:
         """One-line report for the command line."""
@@ -72,40 +69,6 @@ class _SigtermFlag:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def build_model(cfg: Config) -> LM:
-    """A fresh LM, its weights from `train.init_from` when given, LoRA adapters when asked."""
-    model = LM(cfg.lm, rngs=nnx.Rngs(cfg.seed))
-    if cfg.train.init_from:
-        from sfm.checkpoint_io import load_params
-
-        load_params(model, cfg.train.init_from)
-    if cfg.train.lora_rank > 0:
-        from sfm.lm.lora import apply_lora
-
-        apply_lora(model, cfg.train.lora_rank, cfg.train.lora_scaling)
-    return model
-
-
-def trainable_filter(cfg: Config) -> Any:
-    """nnx filter of what the optimizer updates: the LoRA adapters, or every parameter."""
-    if cfg.train.lora_rank > 0:
-        from sfm.lm.lora import LoRAParam
-
-        return LoRAParam
-    return nnx.Param
-
-
-def data_config(cfg: Config) -> DataConfig:
-    """The run's data settings with the stream layout taken from the LM config."""
-    return dataclasses.replace(
-        cfg.data, n_q=cfg.lm.n_q, delays=cfg.lm.delays, seed=cfg.data.seed or cfg.seed
-    )
-
-
-def _host_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {"tokens": batch["tokens"], "mask": batch["mask"]}
-
-
 def train(cfg: Config) -> RunSummary:
     """Run (or resume) the training described by `cfg`; returns a summary."""
     t0 = time.perf_counter()
@@ -116,9 +79,12 @@ def train(cfg: Config) -> RunSummary:
         (out / "config.yaml").write_text(dump_yaml(cfg))
     mesh, rules = build_mesh(cfg.mesh), cfg.mesh.rules
     tx = make_optimizer(cfg.train.optim, cfg.train.steps)
-    parts = split_model(build_model(cfg), trainable_filter(cfg), tx, mesh, rules)
-    step_fn = build_train_step(parts, lm_loss_fn, cfg.train)
-    iterator = iter(build_dataset(data_config(cfg)))
+    task = get_task(cfg)
+    parts = split_model(
+        task.build_model(cfg), task.trainable(cfg), tx, mesh, rules, task.mutable(cfg)
+    )
+    step_fn = build_train_step(parts, task.loss_fn(cfg), cfg.train)
+    iterator = iter(task.dataset(cfg))
     mgr = ckpt.manager(
         out / "checkpoints", cfg.train.ckpt_every, cfg.train.keep, cfg.train.async_checkpoint
     )
@@ -135,15 +101,14 @@ def train(cfg: Config) -> RunSummary:
         log.info("resumed from %s at step %d", mgr.directory, start)
     summary = RunSummary(out, start, start)
     saved = start
-    frames = cfg.data.batch_size * cfg.data.seq_len
-    flops = lm_train_flops_per_frame(cfg.lm, cfg.data.seq_len) * frames
+    frames, flops = task.cost(cfg)
     reporter = Reporter(out / "tensorboard", start, cfg.train.steps, frames, flops)
     sigterm = _SigtermFlag()
     key = jax.random.key(cfg.seed)
     try:
         with (out / "metrics.jsonl").open("a") as metrics_file:
             for step in range(start, cfg.train.steps):
-                batch = shard_batch(_host_batch(next(iterator)), mesh, rules)
+                batch = shard_batch(task.device_batch(next(iterator)), mesh, rules)
                 params, mutable, opt_state, metrics = step_fn(
                     state["params"],
                     state["mutable"],
@@ -171,6 +136,9 @@ def train(cfg: Config) -> RunSummary:
         if saved != summary.last_step:
             ckpt.save(mgr, summary.last_step, state, iterator, force=True)
         mgr.wait_until_finished()
+        if summary.last_step == cfg.train.steps:
+            model = nnx.merge(parts.graphdef, state["params"], state["mutable"], state["frozen"])
+            summary.export = task.export(cfg, model, out)
     finally:
         reporter.close()
         sigterm.restore()

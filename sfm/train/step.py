@@ -118,6 +118,9 @@ def build_train_step(
     def loss_of(
         params: nnx.State, mutable: nnx.State, frozen: nnx.State, batch: Batch, rng: jax.Array
     ) -> Any:
+        # Rebuild the non-differentiated states so their Variables belong to this trace level
+        # (nnx transforms inside the model refuse Variables made at the outer jit level).
+        mutable, frozen = jax.tree.map(lambda x: x, (mutable, frozen))
         model = nnx.merge(graphdef, params, mutable, frozen)
         loss, metrics = loss_fn(model, batch, rng)
         return loss, (metrics, nnx.state(model, mut_filter))
