@@ -28,6 +28,7 @@ from sfm.codec.config import CodecConfig
 from sfm.data.pipeline import DataConfig
 from sfm.lm.config import LMConfig
 from sfm.parallel.config import MeshConfig
+from sfm.train.codec_task import CodecTrainConfig
 from sfm.train.config import TrainConfig
 
 T = TypeVar("T")
@@ -48,6 +49,7 @@ class Config:
     lm: LMConfig = LMConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    codec_train: CodecTrainConfig = CodecTrainConfig()
     mesh: MeshConfig = MeshConfig()
     seed: int = 0
 

@@ -105,6 +105,7 @@ def train(cfg: Config) -> RunSummary:
     reporter = Reporter(out / "tensorboard", start, cfg.train.steps, frames, flops)
     sigterm = _SigtermFlag()
     key = jax.random.key(cfg.seed)
+    hook = getattr(task, "log_samples", None)  # optional: audio and images to TensorBoard
     try:
         with (out / "metrics.jsonl").open("a") as metrics_file:
             for step in range(start, cfg.train.steps):
@@ -126,6 +127,9 @@ def train(cfg: Config) -> RunSummary:
                     metrics_file.write(json.dumps({"step": step + 1, **values}) + "\n")
                     metrics_file.flush()
                 reporter.step(step + 1, values)
+                if hook and (step + 1) % (cfg.train.log_every * 10) == 0:  # every process
+                    merged = (state["params"], state["mutable"], state["frozen"])
+                    hook(reporter.writer, step + 1, nnx.merge(parts.graphdef, *merged), batch)
                 if (step + 1) % cfg.train.log_every == 0:
                     log.info("step %d loss %.4f", step + 1, values["loss"])
                 if ckpt.save(mgr, step + 1, state, iterator, force=sigterm.set):

@@ -1,0 +1,118 @@
+"""Ahead-of-time compile of the train step for Cloud TPU topologies (libtpu, no TPU needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from sfm.config import load_config
+from sfm.train import aot
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "train" / "tiny_pretrain.yaml"
+MOSHI_7B = ROOT / "configs" / "lm" / "moshi_7b.yaml"
+MESH_2X2X2 = ["mesh.ici_data=2", "mesh.ici_fsdp=2", "mesh.ici_tensor=2"]
+
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (pip install sfm[tpu])",
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "libtpu_name", "chips", "per_host", "wrap"),
+    [
+        ("v4-8", "v4:2x2x1", 4, (2, 2, 1), False),
+        ("v4-32", "v4:2x2x4", 16, (2, 2, 1), False),
+        ("v5p-8", "v5:2x2x1", 4, (2, 2, 1), False),
+        ("v5p-64", "v5:2x4x4", 32, (2, 2, 1), False),
+        ("v5p-128", "v5:4x4x4", 64, (2, 2, 1), True),
+        ("v5p-256", "v5:4x4x8", 128, (2, 2, 1), True),
+        ("v5e-1", "v5e:1x1", 1, (1, 1, 1), False),
+        ("v5e-8", "v5e:2x4", 8, (2, 4, 1), False),
+        ("v5e-16", "v5e:4x4", 16, (2, 2, 1), False),
+        ("v5e-32", "v5e:4x8", 32, (2, 2, 1), False),
+        ("v6e-64", "v6e:8x8", 64, (2, 2, 1), False),
+        ("v6e-256", "v6e:16x16", 256, (2, 2, 1), False),
+        ("v5p:4x4x8", "v5:4x4x8", 128, (2, 2, 1), True),
+    ],
+)
+def test_cloud_names_map_to_libtpu_topologies(
+    name: str, libtpu_name: str, chips: int, per_host: tuple[int, ...], wrap: bool
+) -> None:
+    topo = aot.parse_topology(name)
+    assert (topo.libtpu_name, topo.chips, topo.chips_per_host) == (libtpu_name, chips, per_host)
+    assert topo.wrap == (wrap,) * 3
+
+
+@pytest.mark.parametrize("name", ["v5p-12", "v5e-3", "v7-8", "v5p:2x2", "tpu"])
+def test_bad_topology_names_fail_in_one_line(name: str) -> None:
+    with pytest.raises(aot.AotError, match="topology") as info:
+        aot.parse_topology(name)
+    assert "\n" not in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def tiny_report() -> aot.CompileReport:
+    cfg = load_config(TINY, MESH_2X2X2)
+    return aot.compile_for_topology(cfg, "v5e-8", label="tiny")
+
+
+@needs_libtpu
+def test_tiny_train_step_compiles_for_v5e_8(tiny_report: aot.CompileReport) -> None:
+    r = tiny_report
+    assert (r.devices, r.hosts, r.mesh) == (8, 1, {"data": 2, "fsdp": 2, "tensor": 2})
+    assert (r.global_batch, r.seq_len) == (8, 32)
+    assert r.params == r.trainable > 0
+    sizes = (r.argument_bytes, r.output_bytes, r.alias_bytes, r.temp_bytes, r.peak_bytes)
+    assert all(size > 0 for size in sizes)
+    assert r.peak_bytes <= r.hbm_bytes == 16 * aot.GiB
+    assert r.headroom_bytes == r.hbm_bytes - r.peak_bytes > 0
+    # XLA counts each scanned layer stack once: the same order as the analytic count.
+    assert 0.1 * r.model_flops < r.xla_flops * r.devices < 2 * r.model_flops
+    assert r.compile_seconds > 0
+    table = r.table()
+    assert "v5e-8 (v5e:2x4, 1 host)" in table and "data=2 x fsdp=2 x tensor=2" in table
+
+
+@needs_libtpu
+def test_7b_without_fsdp_is_out_of_hbm_on_v5e_4() -> None:
+    cfg = load_config(MOSHI_7B, ["data.batch_size=4"])
+    with pytest.raises(
+        aot.AotError,
+        match=r"moshi_7b on v5e-4 \(mesh data=4 fsdp=1 tensor=1, batch 4 x 250\): out of HBM",
+    ) as info:
+        aot.compile_for_topology(cfg, "v5e-4", label="moshi_7b")
+    assert "\n" not in str(info.value)
+
+
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """main() sets defaults for these; undo them after the test."""
+    for var in ("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.mark.usefixtures("cli_env")
+def test_cli_names_a_bad_topology(capsys: pytest.CaptureFixture[str]) -> None:
+    assert aot.main([str(TINY), "--topology", "v5p-12"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: topology 'v5p-12'") and "\n" not in err
+
+
+@pytest.mark.usefixtures("cli_env")
+def test_cli_rejects_a_bad_override(capsys: pytest.CaptureFixture[str]) -> None:
+    assert aot.main([str(TINY), "--topology", "v5e-8", "train.nope=1"]) == 2
+    assert "train.nope" in capsys.readouterr().err
+
+
+@needs_libtpu
+@pytest.mark.slow
+@pytest.mark.usefixtures("cli_env")
+def test_cli_prints_the_report(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [str(TINY), "--topology", "v5p-8", "mesh.ici_data=1", "mesh.ici_fsdp=4"]
+    assert aot.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "v5p-8 (v5:2x2x1, 1 host)" in out and "peak / device" in out
