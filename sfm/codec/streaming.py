@@ -15,39 +15,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sfm.codec.model import Mimi
-from sfm.nn.streaming import reset_where
-
-
-class _Static:
-    """A static jit argument whose hash is computed once: hashing a graphdef costs ~2 ms of
-    Python, paid on every call if passed bare."""
-
-    def __init__(self, graphdef: Any, treedef: Any) -> None:
-        self.graphdef, self.treedef = graphdef, treedef
-        self._hash = hash((graphdef, treedef))
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other: object) -> bool:
-        return self is other or (
-            isinstance(other, _Static)
-            and (self.graphdef, self.treedef) == (other.graphdef, other.treedef)
-        )
-
-    def model(self, leaves: list) -> Mimi:
-        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))
+from sfm.nn.streaming import StaticModel, reset_where
 
 
 # Parameters travel as a flat list of arrays: flattening an nnx.State on every call costs
 # milliseconds of Python per frame, a list is flattened in C++.
 @partial(jax.jit, static_argnums=(0, 4), donate_argnums=(2,))
-def _encode(static: _Static, leaves: list, state: Any, wav: jax.Array, n_q: int) -> Any:
+def _encode(static: StaticModel, leaves: list, state: Any, wav: jax.Array, n_q: int) -> Any:
     return static.model(leaves).encode_step(state, wav, n_q)
 
 
 @partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _decode(static: _Static, leaves: list, state: Any, codes: jax.Array) -> Any:
+def _decode(static: StaticModel, leaves: list, state: Any, codes: jax.Array) -> Any:
     return static.model(leaves).decode_step(state, codes)
 
 
@@ -63,7 +42,7 @@ class StreamingCodec:
         serving.freeze_codebooks()
         graphdef, params = nnx.split(serving)
         self._leaves, treedef = jax.tree.flatten(params)
-        self._static = _Static(graphdef, treedef)
+        self._static = StaticModel(graphdef, treedef)
         self._fresh_encode = model.init_encode_state(batch_size)
         self._fresh_decode = model.init_decode_state(batch_size)
         self.reset()

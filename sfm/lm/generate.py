@@ -27,6 +27,7 @@ from flax import nnx
 
 from sfm.data.layout import IGNORE, INITIAL
 from sfm.lm.model import LM
+from sfm.nn.streaming import StaticModel
 
 
 @dataclass(frozen=True)
@@ -154,45 +155,25 @@ def reset_state(
     return GenState(lm, pick(0)(state.cache, fresh.cache), pick(0)(state.keys, keys_b))
 
 
-class _Static:
-    """Static jit argument (graphdef + param treedef) hashed once, not on every call."""
-
-    def __init__(self, graphdef: Any, treedef: Any) -> None:
-        self.graphdef, self.treedef = graphdef, treedef
-        self._hash = hash((graphdef, treedef))
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other: object) -> bool:
-        return self is other or (
-            isinstance(other, _Static)
-            and (self.graphdef, self.treedef) == (other.graphdef, other.treedef)
-        )
-
-    def model(self, leaves: list) -> LM:
-        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))
-
-
 @partial(jax.jit, static_argnums=(0, 4), donate_argnums=(2,))
-def _step(static: _Static, leaves: list, state: GenState, user_bk: jax.Array, s: Any) -> Any:
+def _step(static: StaticModel, leaves: list, state: GenState, user_bk: jax.Array, s: Any) -> Any:
     return frame_step(static.model(leaves), s, state, user_bk)
 
 
 @partial(jax.jit, static_argnums=(0, 2))
-def _init(static: _Static, leaves: list, capacity: int | None, keys_b: jax.Array) -> GenState:
+def _init(static: StaticModel, leaves: list, capacity: int | None, keys_b: jax.Array) -> GenState:
     return init_state(static.model(leaves), keys_b, capacity)
 
 
 @partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def _reset(
-    static: _Static, leaves: list, state: GenState, mask_b: jax.Array, keys_b: jax.Array | None
+    static: StaticModel, leaves: list, state: GenState, mask_b: jax.Array, keys_b: jax.Array | None
 ) -> GenState:
     return reset_state(static.model(leaves), state, mask_b, keys_b)
 
 
 @partial(jax.jit, static_argnums=(0, 4), donate_argnums=(2,))
-def _run(static: _Static, leaves: list, state: GenState, user_tbk: jax.Array, s: Any) -> Any:
+def _run(static: StaticModel, leaves: list, state: GenState, user_tbk: jax.Array, s: Any) -> Any:
     def body(st: GenState, user_bk: jax.Array) -> tuple[GenState, jax.Array]:
         # The module is rebuilt inside the scan: nnx modules do not cross trace levels.
         st, out, _ = frame_step(static.model(leaves), s, st, user_bk)
@@ -210,7 +191,7 @@ class Generator:
         self.cfg, self.sampling, self.capacity = model.cfg, sampling, capacity
         graphdef, params = nnx.split(model)
         self._leaves, treedef = jax.tree.flatten(params)
-        self._static = _Static(graphdef, treedef)
+        self._static = StaticModel(graphdef, treedef)
 
     def init(self, batch: int, key: jax.Array) -> GenState:
         """`batch` fresh sessions; session i samples with fold_in(key, i) (or key[i] if [B])."""
