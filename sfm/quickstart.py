@@ -1,64 +1,448 @@
-"""The first thing to run: speak a sentence with espeak-ng and send it through the tiny codec."""
+"""The main job, end to end on one machine: data -> codec -> tokens -> LM -> a spoken reply.
+
+`sfm quickstart --out DIR` runs, each stage into its own folder of DIR:
+
+    corpus/      synthetic speech (espeak-ng, flite) and stereo dialogues with word timings
+    codec/       the tiny codec trained on that speech (configs/quickstart/codec.yaml)
+    tokens/      SentencePiece model; ArrayRecord shards of codes + text streams, text-only
+    pretrain/    interleaved speech-text pretraining of the tiny LM (pretrain.yaml)
+    duplex/      duplex fine-tuning from the pretraining export (duplex.yaml)
+    reply.wav    the streaming generator's answer to a held-out dialogue's user channel
+    report.md    loss curves (PNG) and metrics: codec mel distance / SI-SDR against the
+                 untrained codec, held-out LM text and semantic-codebook cross-entropy
+                 against the unigram entropy of the same targets
+
+A stage whose output is complete is skipped on a rerun (training resumes from its last
+checkpoint). `--steps-scale` multiplies every training length (0.05 for a smoke run).
+"""
 
 from __future__ import annotations
 
-import os
+import dataclasses
+import json
+import math
 import shutil
-import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from sfm.audio import load_audio, save_audio
-from sfm.codec_files import (
-    RoundtripReport,
-    build_codec,
-    format_rows,
-    load_run_config,
-    roundtrip,
-    streaming_codec,
-    warm_up,
-)
+import jax
+import jax.numpy as jnp
+import numpy as np
+import soundfile as sf
+from array_record.python.array_record_module import ArrayRecordReader
+from flax import nnx
 
-SENTENCE = "The quick brown fox jumps over the lazy dog, and the codec turns it into tokens."
+from sfm.config import Config, load_config
+
 DEFAULT_OUT = Path("out/quickstart")
-PRESET = "tiny"
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "quickstart"
+SPEECH_MINUTES = 20.0
+DIALOGUE_MINUTES = 20.0
+TEXT_LINES = 20000
+VALIDATION_FRACTION = 0.1
+EVAL_BATCHES = 16
+VOCAB = 512  # = lm.text_card of configs/quickstart/pretrain.yaml
 
 
 class QuickstartError(ValueError):
     """A missing tool or failed step of the quickstart; the message is one line."""
 
 
-def speak(text: str, path: Path) -> None:
-    """Write `text` spoken by espeak-ng (22.05 kHz mono WAV) to `path`."""
-    exe = shutil.which("espeak-ng")
-    if exe is None:
+@dataclass
+class Report:
+    """Everything report.md shows, filled stage by stage."""
+
+    out: Path
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    codec: dict[str, float] = field(default_factory=dict)
+    lm: dict[str, dict[str, float]] = field(default_factory=dict)
+    reply: dict[str, str] = field(default_factory=dict)
+
+
+def _stage(report: Report, name: str, fn: Callable[[], Any]) -> Any:
+    """Run one stage, print its name and time."""
+    print(f"[{name}] ...", flush=True)
+    t0 = time.perf_counter()
+    result = fn()
+    report.stage_seconds[name] = time.perf_counter() - t0
+    print(f"[{name}] done in {report.stage_seconds[name]:.1f} s", flush=True)
+    return result
+
+
+# ---------------------------------------------------------------- data
+
+
+def _check_tools() -> None:
+    if shutil.which("espeak-ng") is None:
         raise QuickstartError("espeak-ng: not installed; run `bash launch/setup.sh` to install it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(
-        [exe, "-w", os.fspath(path), text], capture_output=True, text=True, check=False
+
+
+def make_corpus(out: Path, scale: float) -> None:
+    """Mono utterances, stereo dialogues and a text file, unless already there."""
+    from sfm.data.dialogues import synth_dialogues
+    from sfm.data.synth_corpus import synth_corpus
+    from sfm.data.text import qa_pairs, sentences
+
+    speech, dialogues, text = out / "speech", out / "dialogues", out / "text.txt"
+    minutes = max(scale, 0.1)
+    if not (speech / "manifest.jsonl").is_file():
+        print(synth_corpus(speech, minutes=SPEECH_MINUTES * minutes, seed=0).line())
+    if not (dialogues / "manifest.jsonl").is_file():
+        print(synth_dialogues(dialogues, minutes=DIALOGUE_MINUTES * minutes, seed=1).line())
+    if not text.is_file():
+        n = max(200, int(TEXT_LINES * minutes))
+        qa = [f"{p.question.capitalize()}? {p.answer.capitalize()}." for p in qa_pairs(n // 4, 3)]
+        text.write_text("\n".join([*sentences(n, 2), *qa]) + "\n")
+
+
+def tokenize(corpus: Path, codec_ckpt: Path, out: Path) -> Path:
+    """SentencePiece model, then code+text shards of both corpora and text-only shards."""
+    from sfm.data.tfds_speech import prepare
+    from sfm.data.tokenize import tokenize_dataset, tokenize_text
+    from sfm.data.tokenizer import train_tokenizer, training_texts
+
+    out.mkdir(parents=True, exist_ok=True)
+    spm = out / "text.model"
+    if not spm.is_file():
+        texts = training_texts([corpus / "speech", corpus / "dialogues"], [corpus / "text.txt"])
+        train_tokenizer(texts, out / "text", VOCAB)
+    for name, stereo in (("speech", False), ("dialogues", True)):
+        builder, _ = prepare(
+            corpus / name,
+            out / name / "tfds",
+            stereo=stereo,
+            validation_fraction=VALIDATION_FRACTION,
+        )
+        summary = tokenize_dataset(
+            builder, out / name, codec_config=None, checkpoint=codec_ckpt, tokenizer_path=spm
+        )
+        print(summary.line())
+    if not list((out / "text").glob("text-*.array_record")):
+        print(tokenize_text(corpus / "text.txt", out / "text", spm, seq_tokens=100).line())
+    return spm
+
+
+# ---------------------------------------------------------------- training
+
+
+def _train(preset: str, out: Path, scale: float, *overrides: str) -> Config:
+    """`sfm train configs/quickstart/PRESET.yaml` with the steps scaled; returns the config."""
+    from sfm.train.loop import train
+
+    base = load_config(CONFIGS / f"{preset}.yaml", [])
+    steps = max(2, round(base.train.steps * scale))
+    every = max(1, min(base.train.log_every, steps // 5))
+    cfg = load_config(
+        CONFIGS / f"{preset}.yaml",
+        [
+            *overrides,
+            f"train.out_dir={out}",
+            f"train.steps={steps}",
+            f"train.log_every={every}",
+            f"train.ckpt_every={max(1, steps // 2)}",
+        ],
     )
-    if result.returncode != 0:
-        lines = (result.stderr or result.stdout).strip().splitlines()
-        reason = lines[-1] if lines else f"exit status {result.returncode}"
-        raise QuickstartError(f"espeak-ng: failed to synthesize speech ({reason})")
+    summary = train(cfg)
+    print(summary.line())
+    return cfg
 
 
-def run_quickstart(out_dir: Path = DEFAULT_OUT, text: str = SENTENCE) -> RoundtripReport:
-    """Synthesize `text`, round-trip it through the randomly initialised tiny codec, save both."""
-    cfg = load_run_config(PRESET, None, ())
-    speech = out_dir / "input_espeak.wav"
-    speak(text, speech)
-    wav_t = load_audio(speech, cfg.codec.sample_rate)
-    save_audio(out_dir / "input.wav", wav_t, cfg.codec.sample_rate)
-    codec = streaming_codec(build_codec(cfg))
-    warm_up(codec)
-    out_t, report = roundtrip(codec, wav_t)
-    save_audio(out_dir / "output.wav", out_t, cfg.codec.sample_rate)
+def _metrics(run: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def _validation_wavs(corpus: Path, tokens: Path) -> list[Path]:
+    """The held-out utterances: the manifest paths of the validation records."""
+    return [corpus / r["path"] for r in _records(tokens / "validation-00000-of-00001.array_record")]
+
+
+def _records(path: Path) -> Iterator[dict[str, Any]]:
+    from sfm.data.tokenize import read_record
+
+    reader = ArrayRecordReader(str(path))
+    try:
+        for data in reader.read_all():
+            yield read_record(data)
+    finally:
+        reader.close()
+
+
+def evaluate_codec(codec_ckpt: Path, wavs: list[Path]) -> dict[str, float]:
+    """Mean mel distance and SI-SDR of held-out utterances, trained codec vs untrained."""
+    from sfm.codec_files import build_codec, load_run_config
+    from sfm.eval.codec_metrics import mel_distance, si_sdr
+
+    cfg = load_run_config(None, codec_ckpt, ())
+    models = {"trained": build_codec(cfg, codec_ckpt), "untrained": build_codec(cfg)}
+    sr = cfg.codec.sample_rate
+    out: dict[str, float] = {}
+    for name, model in models.items():
+        roundtrip = nnx.jit(lambda m, x: m.decode(m.encode(x)))
+        mel, sdr = [], []
+        for path in wavs:
+            wav, _ = sf.read(path, dtype="float32", always_2d=True)
+            x = wav[:, 0]
+            y = np.asarray(roundtrip(model, jnp.asarray(x)[None]))[0, : x.shape[0]]
+            mel.append(mel_distance(x, y, sr))
+            sdr.append(si_sdr(x, y))
+        out[f"{name}_mel"] = float(np.mean(mel))
+        out[f"{name}_si_sdr"] = float(np.mean(sdr))
+    return out
+
+
+def _entropy(values: np.ndarray) -> float:
+    """Entropy (nats) of the empirical distribution of `values`."""
+    _, counts = np.unique(values, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def evaluate_lm(cfg: Config, weights: Path, source: str, shard: Path) -> dict[str, float]:
+    """Held-out text / codebook-0 cross-entropy of the LM at `weights` on windows of `shard`,
+    and the unigram entropy of exactly those targets (what a model ignoring context gets)."""
+    from sfm.data.pipeline import build_dataset
+    from sfm.lm.loss import lm_loss_fn
+    from sfm.train.tasks import LMTask, lm_data_config
+
+    weights_by_source = {"speech": (0, 1, 0, 0), "duplex": (0, 0, 0, 1)}[source]
+    data = dataclasses.replace(
+        lm_data_config(cfg),
+        weights=weights_by_source,
+        **{f"{source}_paths": (str(shard),)},
+        shard_index=0,
+        shard_count=1,
+        num_workers=0,
+    )
+    model = LMTask().build_model(
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(weights)))
+    )
+    loss = nnx.jit(lambda m, b: lm_loss_fn(m, b)[1])
+    sums = {"text": 0.0, "cb0": 0.0}
+    counts = {"text": 0.0, "cb0": 0.0}
+    targets: dict[str, list[np.ndarray]] = {"text": [], "cb0": []}
+    batches = iter(build_dataset(data))
+    for _ in range(EVAL_BATCHES):
+        batch = next(batches)
+        metrics = jax.device_get(loss(model, {"tokens": batch["tokens"], "mask": batch["mask"]}))
+        for row, name in ((0, "text"), (1, "cb0")):
+            sums[name] += float(metrics[f"{name}_ce"]) * float(metrics[f"{name}_count"])
+            counts[name] += float(metrics[f"{name}_count"])
+            targets[name].append(batch["tokens"][:, row][batch["mask"][:, row]])
+    return {
+        **{f"{n}_ce": sums[n] / max(counts[n], 1.0) for n in sums},
+        **{f"{n}_unigram": _entropy(np.concatenate(targets[n])) for n in targets},
+        **{f"{n}_positions": counts[n] for n in counts},
+    }
+
+
+# ---------------------------------------------------------------- the reply
+
+
+def generate_reply(
+    cfg: Config, weights: Path, codec_ckpt: Path, spm: Path, corpus: Path, shard: Path, out: Path
+) -> dict[str, str]:
+    """Answer the first held-out dialogue's user channel with the streaming generator; write
+    reply.wav (left: generated assistant, right: the user) and return both texts."""
+    from sfm.codec_files import build_codec, load_run_config
+    from sfm.data.text_stream import TEXT_EPAD, TEXT_PAD
+    from sfm.data.tokenizer import load_tokenizer
+    from sfm.lm.generate import SamplingConfig, generate
+    from sfm.train.tasks import LMTask
+
+    record = next(_records(shard))
+    user_kt = np.asarray(record["codes"][1], np.int32)
+    model = LMTask().build_model(
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(weights)))
+    )
+    sampling = SamplingConfig(temp=0.8, top_k=cfg.lm.card // 2, temp_text=0.7, top_k_text=25)
+    frames = np.asarray(generate(model, user_kt[None], sampling, jax.random.key(cfg.seed)))[0]
+    text_t, codes_kt = frames[0], frames[1:]
+    codec_cfg = load_run_config(None, codec_ckpt, ())
+    codec = build_codec(codec_cfg, codec_ckpt)
+    assistant = np.asarray(codec.decode(jnp.asarray(np.clip(codes_kt, 0, None))[None]))[0]
+    user, sr = sf.read(corpus / "dialogues" / record["path"], dtype="float32", always_2d=True)
+    n = min(user.shape[0], assistant.shape[-1])
+    stereo = np.stack([assistant[..., :n].reshape(-1)[:n], user[:n, 1]], axis=1)
+    sf.write(out / "reply.wav", np.clip(stereo, -1, 1), sr)
+    sp = load_tokenizer(spm)
+
+    def words(tokens: np.ndarray) -> str:
+        return sp.decode([int(t) for t in tokens if t not in (TEXT_PAD, TEXT_EPAD) and t >= 0])
+
+    return {
+        "dialogue": str(record["path"]),
+        "seconds": f"{n / sr:.1f}",
+        "generated assistant text": words(text_t),
+        "reference assistant text": words(np.asarray(record["text"][0])),
+        "user text": words(np.asarray(record["text"][1])),
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def _plot(path: Path, title: str, curves: dict[str, tuple[list[int], list[float]]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, (x, y) in curves.items():
+        ax.plot(x, y, label=label)
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_runs(out: Path) -> None:
+    """codec.png (mel distance, generator loss) and lm.png (text / cb0 CE per LM run)."""
+    codec = _metrics(out / "codec")
+    steps = [r["step"] for r in codec]
+    _plot(out / "codec.png", "codec training", {"mel loss": (steps, [r["mel"] for r in codec])})
+    curves: dict[str, tuple[list[int], list[float]]] = {}
+    for run in ("pretrain", "duplex"):
+        rows = _metrics(out / run)
+        x = [r["step"] for r in rows]
+        curves[f"{run} text CE"] = (x, [r["text_ce"] for r in rows])
+        curves[f"{run} cb0 CE"] = (x, [r["cb0_ce"] for r in rows])
+    _plot(out / "lm.png", "LM training (nats)", curves)
+
+
+def write_report(report: Report) -> Path:
+    """report.md: stage times, codec and LM metrics, the reply."""
+    c = report.codec
+    lines = [
+        "# sfm quickstart",
+        "",
+        "| stage | seconds |",
+        "|---|---:|",
+        *[f"| {k} | {v:.1f} |" for k, v in report.stage_seconds.items()],
+        "",
+        "## Codec (held-out utterances)",
+        "",
+        "| codec | mel distance | SI-SDR (dB) |",
+        "|---|---:|---:|",
+        f"| untrained | {c['untrained_mel']:.3f} | {c['untrained_si_sdr']:.2f} |",
+        f"| trained | {c['trained_mel']:.3f} | {c['trained_si_sdr']:.2f} |",
+        "",
+        "![codec](codec.png)",
+        "",
+        "## LM (held-out windows, nats per token)",
+        "",
+        "The unigram entropy is that of the very targets scored: the best any model that",
+        "ignores context can do.",
+        "",
+        "| run | stream | cross-entropy | unigram entropy | ratio | positions |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for run, m in report.lm.items():
+        for stream, name in (("text", "text"), ("cb0", "semantic codebook")):
+            ce, base = m[f"{stream}_ce"], m[f"{stream}_unigram"]
+            lines.append(
+                f"| {run} | {name} | {ce:.3f} | {base:.3f} | {ce / base:.2f} | "
+                f"{int(m[f'{stream}_positions'])} |"
+            )
+    lines += ["", "![lm](lm.png)", "", "## Reply (reply.wav: left generated, right user)", ""]
+    lines += [f"- {k}: {v}" for k, v in report.reply.items()]
+    path = report.out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------- the job
+
+
+def run_quickstart(out: Path = DEFAULT_OUT, steps_scale: float = 1.0) -> Report:
+    """Every stage (see the module doc); returns what report.md shows."""
+    if not (steps_scale > 0 and math.isfinite(steps_scale)):
+        raise QuickstartError(f"--steps-scale must be a positive number, got {steps_scale}")
+    _check_tools()
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report(out)
+    corpus, tokens = out / "corpus", out / "tokens"
+    _stage(report, "corpus", lambda: make_corpus(corpus, steps_scale))
+    codec_cfg = _stage(
+        report,
+        "codec",
+        lambda: _train(
+            "codec", out / "codec", steps_scale, f"codec_train.corpus=[{corpus / 'speech'}]"
+        ),
+    )
+    del codec_cfg
+    codec_ckpt = out / "codec" / "codec.safetensors"
+    spm = _stage(report, "tokenize", lambda: tokenize(corpus, codec_ckpt, tokens))
+    speech = f"{tokens / 'speech' / 'train-*'}"
+    pre = _stage(
+        report,
+        "pretrain",
+        lambda: _train(
+            "pretrain",
+            out / "pretrain",
+            steps_scale,
+            f"data.speech_paths=[{speech}]",
+            f"data.interleaved_paths=[{speech}]",
+            f"data.text_paths=[{tokens / 'text' / 'text-*'}]",
+        ),
+    )
+    dup = _stage(
+        report,
+        "duplex",
+        lambda: _train(
+            "duplex",
+            out / "duplex",
+            steps_scale,
+            f"data.duplex_paths=[{tokens / 'dialogues' / 'train-*'}]",
+            f"train.init_from={out / 'pretrain' / 'lm.safetensors'}",
+        ),
+    )
+    held_speech = tokens / "speech" / "validation-00000-of-00001.array_record"
+    held_dialogues = tokens / "dialogues" / "validation-00000-of-00001.array_record"
+
+    def evaluate() -> None:
+        wavs = _validation_wavs(corpus / "speech", tokens / "speech")
+        report.codec = evaluate_codec(codec_ckpt, wavs)
+        report.lm["pretrain"] = evaluate_lm(
+            pre, out / "pretrain" / "lm.safetensors", "speech", held_speech
+        )
+        report.lm["duplex"] = evaluate_lm(
+            dup, out / "duplex" / "lm.safetensors", "duplex", held_dialogues
+        )
+
+    _stage(report, "evaluate", evaluate)
+    report.reply = _stage(
+        report,
+        "reply",
+        lambda: generate_reply(
+            dup, out / "duplex" / "lm.safetensors", codec_ckpt, spm, corpus, held_dialogues, out
+        ),
+    )
+    plot_runs(out)
+    write_report(report)
     return report
 
 
-def main(out_dir: Path = DEFAULT_OUT) -> None:
-    """Run the quickstart and print its table and where the audio went."""
-    report = run_quickstart(out_dir)
-    print("tiny codec (random weights) on an espeak-ng sentence")
-    print(format_rows(report.rows()))
-    print(f"wrote {out_dir / 'input.wav'} and {out_dir / 'output.wav'}")
+def main(out: Path = DEFAULT_OUT, steps_scale: float = 1.0) -> None:
+    """Run the quickstart and print where the report went, with its headline numbers."""
+    t0 = time.perf_counter()
+    report = run_quickstart(out, steps_scale)
+    c = report.codec
+    print(
+        f"codec: mel distance {c['untrained_mel']:.3f} -> {c['trained_mel']:.3f}, "
+        f"SI-SDR {c['untrained_si_sdr']:.2f} -> {c['trained_si_sdr']:.2f} dB"
+    )
+    for run, m in report.lm.items():
+        print(
+            f"{run}: text CE {m['text_ce']:.3f} (unigram {m['text_unigram']:.3f}), "
+            f"semantic CE {m['cb0_ce']:.3f} (unigram {m['cb0_unigram']:.3f})"
+        )
+    print(f"wrote {out / 'report.md'} and {out / 'reply.wav'} in {time.perf_counter() - t0:.0f} s")

@@ -1,8 +1,13 @@
-"""Test set-up: eight simulated CPU devices (set before jax is imported) and the slow marker."""
+"""Test set-up: eight simulated CPU devices (set before jax is imported) and the slow marker.
+
+Tests run on CPU even where libtpu is installed (the `tpu` extra, used for ahead-of-time
+compilation): without `JAX_PLATFORMS=cpu` jax would probe for TPU chips at start-up.
+"""
 
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402 - the device count must be set before anything imports jax
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -298,16 +297,6 @@ def test_quickstart_without_espeak(
     monkeypatch.setenv("PATH", str(work / "empty_path"))
     line = _run_error(capsys, ["quickstart", "--out", str(work / "qs")], "espeak-ng")
     assert "bash launch/setup.sh" in line
-
-
-@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
-def test_quickstart(work: Path, encoded: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = work / "qs"
-    assert main(["quickstart", "--out", str(out)]) == 0
-    text = capsys.readouterr().out
-    assert "SI-SDR" in text and "bitrate" in text
-    assert sf.info(out / "input.wav").samplerate == 24000
-    assert sf.info(out / "output.wav").frames == sf.info(out / "input.wav").frames
 
 
 # ---- data tokenize-text ------------------------------------------------------------------

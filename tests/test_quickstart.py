@@ -1,0 +1,78 @@
+"""The quickstart end to end at a twentieth of its training length: every stage runs, the
+report and the reply are written, training lowers the losses, a rerun skips finished work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from sfm import quickstart
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed"),
+]
+SCALE = 0.05
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, quickstart.Report]:
+    out = tmp_path_factory.mktemp("quickstart")
+    return out, quickstart.run_quickstart(out, SCALE)
+
+
+def _losses(path: Path, key: str) -> list[float]:
+    return [json.loads(line)[key] for line in path.read_text().splitlines()]
+
+
+def test_every_stage_ran_and_training_lowered_the_losses(
+    run: tuple[Path, quickstart.Report],
+) -> None:
+    out, report = run
+    assert list(report.stage_seconds) == [
+        "corpus",
+        "codec",
+        "tokenize",
+        "pretrain",
+        "duplex",
+        "evaluate",
+        "reply",
+    ]
+    mel = _losses(out / "codec" / "metrics.jsonl", "mel")
+    assert len(mel) == 10 and min(mel[-3:]) < mel[0]
+    for run_name in ("pretrain", "duplex"):
+        loss = _losses(out / run_name / "metrics.jsonl", "loss")
+        assert loss[-1] < loss[0], run_name
+        assert (out / run_name / "lm.safetensors").is_file()
+    assert report.codec["trained_mel"] < report.codec["untrained_mel"]
+    for metrics in report.lm.values():
+        assert metrics["text_positions"] > 0 and metrics["cb0_positions"] > 0
+        assert 0 <= metrics["text_unigram"] and 0 <= metrics["text_ce"] < 10
+
+
+def test_report_and_reply(run: tuple[Path, quickstart.Report]) -> None:
+    out, report = run
+    text = (out / "report.md").read_text()
+    assert "unigram entropy" in text and "SI-SDR" in text
+    assert (out / "codec.png").stat().st_size > 0 and (out / "lm.png").stat().st_size > 0
+    info = sf.info(out / "reply.wav")
+    assert info.samplerate == 24000 and info.channels == 2
+    assert abs(info.frames / info.samplerate - float(report.reply["seconds"])) < 0.1
+    assert report.reply["reference assistant text"]
+
+
+def test_rerun_skips_finished_stages(run: tuple[Path, quickstart.Report]) -> None:
+    out, first = run
+    again = quickstart.run_quickstart(out, SCALE)
+    for stage in ("corpus", "codec", "tokenize", "pretrain", "duplex"):
+        assert again.stage_seconds[stage] < first.stage_seconds[stage], stage
+    assert again.lm == first.lm and again.codec == first.codec
+
+
+def test_bad_scale_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(quickstart.QuickstartError, match="--steps-scale must be a positive"):
+        quickstart.run_quickstart(tmp_path, 0.0)
