@@ -256,6 +256,12 @@ def main() -> None:
     parser.add_argument(
         "--remat", default="none", choices=("none", "full", "dots"), help="sfm rematerialisation"
     )
+    parser.add_argument(
+        "--scan-unroll",
+        default="depth",
+        choices=("none", "depth", "all"),
+        help="sfm layer scans to unroll in training (lm.{temporal,depth}.scan_unroll)",
+    )
     parser.add_argument("--dim", type=int, default=SEVEN_B_SHAPED["dim"])
     parser.add_argument("--num-heads", type=int, default=SEVEN_B_SHAPED["num_heads"])
     parser.add_argument("--num-layers", type=int, default=SEVEN_B_SHAPED["num_layers"])
@@ -276,7 +282,11 @@ def main() -> None:
     kwargs = moshi_kwargs(args)
     tm = build_moshi_lm(kwargs)
     cfg = lm_config_from_moshi(kwargs)
-    cfg = dataclasses.replace(cfg, temporal=dataclasses.replace(cfg.temporal, remat=args.remat))
+    temporal = dataclasses.replace(
+        cfg.temporal, remat=args.remat, scan_unroll=args.scan_unroll == "all"
+    )
+    depth = dataclasses.replace(cfg.depth, scan_unroll=args.scan_unroll != "none")
+    cfg = dataclasses.replace(cfg, temporal=temporal, depth=depth)
     model = import_moshi_lm(numpy_state_dict(tm), cfg=cfg)
 
     env = environment(args.threads)
@@ -300,8 +310,9 @@ def main() -> None:
     )
     print(
         f"Training: batch {args.train_batch} x {args.train_frames} frames, median of "
-        f"{args.iters} iterations, sfm remat {args.remat!r}; losses moshi "
-        f"{train['torch']['loss']:.4f}, sfm {train['sfm']['loss']:.4f}."
+        f"{args.iters} iterations, sfm remat {args.remat!r}, scan unroll temporal "
+        f"{model.transformer.scan_unroll} / depth {model.depth.transformer.scan_unroll}; "
+        f"losses moshi {train['torch']['loss']:.4f}, sfm {train['sfm']['loss']:.4f}."
     )
     print()
     print(table(stream, train))

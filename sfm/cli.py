@@ -133,8 +133,8 @@ def _roundtrip(args: argparse.Namespace) -> None:
 
 
 def _quickstart(args: argparse.Namespace) -> None:
-    """`sfm quickstart`: the espeak-ng sentence through the tiny codec."""
-    quickstart.main(Path(args.out))
+    """`sfm quickstart`: corpus -> codec -> tokens -> pretraining -> duplex -> reply + report."""
+    quickstart.main(Path(args.out), args.steps_scale)
 
 
 def _data_synth(args: argparse.Namespace) -> None:
@@ -187,6 +187,14 @@ def _train(args: argparse.Namespace) -> None:
     print(train(load_config(args.config, args.overrides)).line())
 
 
+def _compile(args: argparse.Namespace) -> int:
+    """`sfm compile CONFIG --topology NAME [KEY=VALUE ...]`: the train step's TPU memory report
+    (exit 1 when it does not fit, 2 for a bad config; see sfm.train.aot)."""
+    from sfm.train import aot
+
+    return aot.run(args.config, args.topology, args.overrides, prefix="sfm: error")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `sfm` argument parser; each leaf sets `run` to its command function."""
     parser = argparse.ArgumentParser(prog="sfm", description="Speech foundation model tools.")
@@ -212,8 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     _codec_options(rt, channel=True)
     rt.set_defaults(run=_roundtrip)
 
-    quick = commands.add_parser("quickstart", help="speak a sentence through the tiny codec")
-    quick.add_argument("--out", default="out/quickstart", help="where to write the WAVs")
+    quick = commands.add_parser(
+        "quickstart", help="synthetic data -> codec -> LM pretraining -> duplex -> spoken reply"
+    )
+    quick.add_argument("--out", default="out/quickstart", help="output folder (rerun resumes)")
+    quick.add_argument(
+        "--steps-scale", type=float, default=1.0, help="multiply every training length"
+    )
     quick.set_defaults(run=_quickstart)
 
     data = commands.add_parser("data", help="build training data")
@@ -262,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     tr.set_defaults(run=_train)
+    comp = commands.add_parser(
+        "compile", help="compile the train step for a TPU topology; print memory and FLOPs"
+    )
+    comp.add_argument("config", metavar="CONFIG", help="YAML preset, e.g. configs/lm/moshi_7b.yaml")
+    comp.add_argument("--topology", required=True, help="v5p-128, v5e-16, v6e-64, v4-32, ...")
+    comp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    comp.set_defaults(run=_compile)
     return parser
 
 
@@ -312,14 +332,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parse(parser, argv)
     except SystemExit as exit_:  # --help (0) or a usage error (2), already printed
         return 0 if exit_.code is None else int(exit_.code)
-    run: Callable[[argparse.Namespace], None] = args.run
+    run: Callable[[argparse.Namespace], int | None] = args.run
     enable_compile_cache()
     try:
-        run(args)
+        status = run(args)  # None, or an exit status of the command's own
     except USER_ERRORS as err:
         print(f"sfm: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("sfm: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +16,9 @@ from flax import nnx
 from sfm.config import ConfigError, load_config
 from sfm.data.layout import INITIAL, StreamLayout, crop_or_pad, delay_streams, to_streams
 from sfm.lm.config import LMConfig
+from sfm.lm.layers import LayerStack, StepLinear
 from sfm.lm.lora import LoRAParam, apply_lora, merge_lora
-from sfm.lm.loss import lm_loss, lm_loss_fn
+from sfm.lm.loss import cross_entropy, lm_loss, lm_loss_fn
 from sfm.lm.model import LM, LMOutput, param_count
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "lm"
@@ -127,6 +129,9 @@ def test_param_count(name: str) -> None:
         (["lm.depth.amortize_every=0"], "lm.depth.amortize_every"),
         (["lm.depth.kind=csm", "lm.dep_q=1"], "lm.dep_q"),
         (["lm.temporal.remat=some"], "lm.temporal.remat"),
+        (["lm.temporal.scan_unroll=0"], "lm.temporal.scan_unroll"),
+        (["lm.depth.scan_unroll=-2"], "lm.depth.scan_unroll"),
+        (["lm.depth.scan_unroll=all"], "lm.depth.scan_unroll"),
         (["lm.temporal.dimm=64"], "lm.temporal.dimm"),
         (["lm.card=many"], "lm.card"),
     ],
@@ -141,6 +146,51 @@ def test_tiny_config() -> None:
     cfg = tiny()
     assert (cfg.n_streams, cfg.dep_q, cfg.max_delay, cfg.text_pad) == (9, 4, 1, 3)
     assert tiny(*CSM).depth.kind == "csm"
+    unrolled = tiny("lm.temporal.scan_unroll=true", "lm.depth.scan_unroll=2")
+    assert unrolled.temporal.scan_unroll is True and unrolled.depth.scan_unroll == 2
+    assert cfg.temporal.scan_unroll is False and cfg.depth.scan_unroll is False
+
+
+# --- layers -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", [(0, 1, 2, 3), (1, 2, 3), (3, 0, 2), (2,)])
+@pytest.mark.parametrize("lead", [(), (5,), (2, 3)])
+def test_step_linear_matches_per_position_products(steps: tuple[int, ...], lead: tuple) -> None:
+    """x [..., T, in] -> y[..., t] = x[..., t] @ W[steps[t]].T (+ the LoRA term per step)."""
+    lin = StepLinear(6, 10, n_weights=4, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(len(steps) + len(lead))
+    x = rng.normal(size=(*lead, len(steps), 6)).astype(np.float32)
+    w = np.asarray(lin.kernel[...], np.float64)
+    expected = np.stack([x[..., t, :] @ w[s].T for t, s in enumerate(steps)], axis=-2)
+    np.testing.assert_allclose(lin(jnp.asarray(x), steps), expected, rtol=1e-5, atol=1e-5)
+    a = rng.normal(size=(4, 3, 6)).astype(np.float32)
+    b = rng.normal(size=(4, 10, 3)).astype(np.float32)
+    lin.lora_a, lin.lora_b, lin.lora_scaling = LoRAParam(a), LoRAParam(b), 0.5
+    expected += np.stack(
+        [0.5 * x[..., t, :] @ a[s].T.astype(np.float64) @ b[s].T for t, s in enumerate(steps)],
+        axis=-2,
+    )
+    np.testing.assert_allclose(lin(jnp.asarray(x), steps), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_scan_unroll_gives_the_same_outputs_and_gradients() -> None:
+    """LayerStack's scan, rolled or unrolled (fully or by 2 of 3 layers): same values."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3, 16)), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(3, dtype=jnp.int32), (4, 3))
+    kw = dict(dim=16, num_heads=2, kv_heads=2, hidden=24, context=None, max_period=None)
+    results = []
+    for unroll in (False, True, 2):
+        stack = LayerStack(
+            3, scan_unroll=unroll, rngs=nnx.Rngs(0), norm_eps=1e-5, n_weights=3, **kw
+        )
+        loss = lambda m, x: jnp.sum(jnp.sin(m(x, pos, (0, 1, 2))))
+        results.append(nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))(stack, x))
+    (value, grads), *others = results
+    for other_value, other_grads in others:
+        np.testing.assert_allclose(other_value, value, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(other_grads), jax.tree.leaves(grads)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 # --- causality --------------------------------------------------------------------------------
@@ -221,6 +271,43 @@ def hand_loss(out: LMOutput, tokens: np.ndarray, mask: np.ndarray, cfg: LMConfig
                     w = cfg.loss.semantic if k == 0 else cfg.loss.acoustic
                     an, ad = an - w * audio_lp[b, t, k, tokens[b, 1 + k, t]], ad + w
     return {"text_loss": tn / td, "audio_loss": an / ad, "loss": tn / td + an / ad}
+
+
+def log_softmax_cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple:
+    """The straightforward form: the target's entry of a full float32 log-softmax."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    safe = jnp.clip(targets, 0, logits.shape[-1] - 1)
+    ce = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    return ce, jnp.argmax(logp, axis=-1) == targets
+
+
+@pytest.mark.parametrize("shape, vocab", [((2, 9, 4), 2048), ((3, 11), 4000), ((5,), 7)])
+def test_cross_entropy_matches_log_softmax(shape: tuple[int, ...], vocab: int) -> None:
+    """logsumexp - target logit == -log_softmax[target]: values, accuracy, masked means and
+    their gradients, with -1 / -2 filler targets masked out."""
+    rng = np.random.default_rng(vocab)
+    logits = jnp.asarray(rng.normal(size=(*shape, vocab)) * 3 + 5, jnp.float32)
+    targets = jnp.asarray(rng.integers(-2, vocab, shape), jnp.int32)
+    targets = targets.at[..., 0].set(jnp.argmax(logits[..., 0, :], axis=-1))  # some correct
+    w = jnp.asarray(rng.random(shape) < 0.7, jnp.float32) * (targets >= 0)
+
+    def weighted(fn: Any, x: jax.Array) -> tuple[jax.Array, tuple]:
+        ce, ok = fn(x, targets)
+        return (w * ce).sum() / w.sum(), (ce, ok)
+
+    new = jax.jit(jax.value_and_grad(lambda x: weighted(cross_entropy, x), has_aux=True))
+    ref = jax.jit(
+        jax.value_and_grad(lambda x: weighted(log_softmax_cross_entropy, x), has_aux=True)
+    )
+    (mean, (ce, ok)), grad = new(logits)
+    (mean_ref, (ce_ref, ok_ref)), grad_ref = ref(logits)
+    valid = np.asarray(targets) >= 0
+    np.testing.assert_allclose(np.asarray(ce)[valid], np.asarray(ce_ref)[valid], 1e-6, 1e-6)
+    assert np.isfinite(np.asarray(ce)).all()
+    np.testing.assert_array_equal(ok, ok_ref)
+    assert np.asarray(ok).any() and not np.asarray(ok)[~valid].any()
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(grad, grad_ref, rtol=1e-6, atol=1e-6)
 
 
 def test_loss_matches_hand_computation() -> None:

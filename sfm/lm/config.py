@@ -26,6 +26,8 @@ class TemporalConfig:
     max_period: float = 10000.0
     norm_eps: float = 1e-8
     remat: Literal["none", "full", "dots"] = "full"
+    # Layers per iteration of the layer scan in the teacher-forced pass (True: all, unrolled).
+    scan_unroll: bool | int = False
 
     @property
     def hidden(self) -> int:
@@ -55,6 +57,8 @@ class DepthConfig:
     max_period: float | None = None  # RoPE over the codebook index ("csm"), None for none
     norm_eps: float = 1e-8
     amortize_every: int = 1  # train the decoder on 1/N of the frames ("csm")
+    # Layers per iteration of the layer scan in the teacher-forced pass (True: all, unrolled).
+    scan_unroll: bool | int = False
 
     @property
     def hidden(self) -> int:
@@ -111,6 +115,10 @@ class LMConfig:
                 raise ValueError(
                     f"lm.{name}.num_heads: {t.num_heads} must divide dim {t.dim} and be a "
                     f"multiple of num_kv_heads {t.kv_heads}"
+                )
+            if not isinstance(t.scan_unroll, bool) and t.scan_unroll < 1:
+                raise ValueError(
+                    f"lm.{name}.scan_unroll: must be true, false or >= 1, got {t.scan_unroll}"
                 )
         if self.depth.kind == "csm" and self.dep_q < 2:
             raise ValueError("lm.dep_q: the csm depth decoder needs at least 2 codebooks")

@@ -19,9 +19,12 @@ from sfm.data.layout import INITIAL as INITIAL_TOKEN
 from sfm.nn.init import normal, uniform
 from sfm.nn.norm import RMSNorm
 from sfm.nn.rope import apply_rope
+from sfm.parallel.rules import constrain
 
 Steps = tuple[int, ...] | None
 State = dict[str, Any]
+# Logical axes of a [B, T, D] activation (see sfm.parallel.rules.constrain).
+ACTIVATION_AXES = ("batch", "time", "embed")
 
 
 class Embedding(nnx.Module):
@@ -64,15 +67,16 @@ class StepLinear(nnx.Module):
         self.lora_scaling = 1.0
 
     def __call__(self, x_bti: jax.Array, steps: Steps = None) -> jax.Array:
+        """[..., T, in] -> [..., T, out]; position t uses weight set steps[t] (all: set 0)."""
         w = self.kernel[...].astype(x_bti.dtype)
         if self.n_weights == 1 or steps is None:
             y = jnp.einsum("...ti,oi->...to", x_bti, w[0])
         else:
-            y = jnp.einsum("...ti,toi->...to", x_bti, _per_step(w, steps, x_bti.shape[-2]))
+            y = _step_matmul(x_bti, _per_step(w, steps, x_bti.shape[-2]))
         return y if self.lora_a is None else y + self._lora(x_bti, steps)
 
     def _lora(self, x_bti: jax.Array, steps: Steps) -> jax.Array:
-        """The adapter's term scaling * (x @ A[s].T) @ B[s].T."""
+        """The adapter's term scaling * (x @ A[s].T) @ B[s].T, [..., T, out]."""
         assert self.lora_a is not None and self.lora_b is not None
         a = self.lora_a[...].astype(x_bti.dtype)
         b = self.lora_b[...].astype(x_bti.dtype)
@@ -81,9 +85,21 @@ class StepLinear(nnx.Module):
             y = jnp.einsum("...tr,or->...to", h, b[0])
         else:
             t = x_bti.shape[-2]
-            h = jnp.einsum("...ti,tri->...tr", x_bti, _per_step(a, steps, t))
-            y = jnp.einsum("...tr,tor->...to", h, _per_step(b, steps, t))
+            h = _step_matmul(x_bti, _per_step(a, steps, t))
+            y = _step_matmul(h, _per_step(b, steps, t))
         return (self.lora_scaling * y).astype(x_bti.dtype)
+
+
+def _step_matmul(x_bti: jax.Array, w_toi: jax.Array) -> jax.Array:
+    """y[..., t, :] = x[..., t, :] @ w[t].T: [..., T, in] x [T, out, in] -> [..., T, out].
+
+    With T > 1 the product runs step-major ([T, ..., in], T the dot's leading batch axis): the
+    forward and backward dots XLA emits that way are faster than with T in second-to-last
+    place. One position (a streaming step) keeps the plain form."""
+    if x_bti.shape[-2] == 1:
+        return jnp.einsum("...ti,toi->...to", x_bti, w_toi)
+    y = jnp.einsum("t...i,toi->t...o", jnp.moveaxis(x_bti, -2, 0), w_toi)
+    return jnp.moveaxis(y, 0, -2)
 
 
 def _per_step(w: jax.Array, steps: tuple[int, ...], t: int) -> jax.Array:
@@ -224,8 +240,10 @@ class Layer(nnx.Module):
         self.gating = GatedMlp(dim, hidden, **kw)
 
     def __call__(self, x_btd: jax.Array, pos_bt: jax.Array, steps: Steps = None) -> jax.Array:
+        x_btd = constrain(x_btd, ACTIVATION_AXES)  # the scanned carry: batch-sharded on a mesh
         x_btd = x_btd + self.self_attn(self.norm1(x_btd), pos_bt, steps)
-        return x_btd + self.gating(self.norm2(x_btd), steps)
+        x_btd = x_btd + self.gating(self.norm2(x_btd), steps)
+        return constrain(x_btd, ACTIVATION_AXES)
 
     def step(
         self, state: State, x_btd: jax.Array, pos_bt: jax.Array, steps: Steps = None
@@ -242,10 +260,22 @@ REMAT_POLICIES = {
 
 
 class LayerStack(nnx.Module):
-    """`num_layers` identical layers with stacked parameters ("layers" axis), run by scan."""
+    """`num_layers` identical layers with stacked parameters ("layers" axis), run by scan.
 
-    def __init__(self, num_layers: int, *, remat: str = "none", rngs: nnx.Rngs, **layer_kw: Any):
-        self.num_layers, self.remat = num_layers, remat
+    `scan_unroll` is the `unroll` of the scan in `__call__` (the teacher-forced pass): layers
+    per loop iteration, True for all, False for 1. `step` always runs a rolled loop: unrolled,
+    the per-layer cache slices and their write-back into the stacked cache cost more."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        *,
+        remat: str = "none",
+        scan_unroll: bool | int = False,
+        rngs: nnx.Rngs,
+        **layer_kw: Any,
+    ) -> None:
+        self.num_layers, self.remat, self.scan_unroll = num_layers, remat, scan_unroll
 
         @nnx.split_rngs(splits=num_layers)
         @nnx.vmap(
@@ -265,7 +295,8 @@ class LayerStack(nnx.Module):
 
         if self.remat != "none":
             body = nnx.remat(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        return nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry)(self.layers, x_btd)
+        scan = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry, unroll=self.scan_unroll)
+        return scan(self.layers, x_btd)
 
     def init_state(self, batch: int, capacity: int, dtype: Any) -> State:
         """Per-layer KV rings stacked on a leading layer axis."""

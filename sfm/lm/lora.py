@@ -48,16 +48,19 @@ def lora_linears(
 
 
 def _add_adapter(linear: StepLinear, rank: int, scaling: float, rngs: nnx.Rngs) -> None:
-    """Creates A (uniform, bound 1/sqrt(in)) and B (zeros) with the kernel's leading axes."""
+    """Creates A (uniform, bound 1/sqrt(in)) and B (zeros) with the kernel's leading axes.
+
+    Both are sharded like the kernel: the rank dim takes the logical axis of the kernel dim
+    it replaces (A [rank, in] as [out, in], B [out, rank] as [out, in]), so an adapter whose
+    feature dim is replicated (the fused qkv) still splits over the mesh by its rank."""
     kernel = linear.kernel
     *lead, out_features, in_features = kernel.shape
     axes = tuple(kernel.get_metadata().get("out_sharding") or (None,) * kernel.ndim)
-    *lead_axes, out_axis, in_axis = axes
     dtype = str(kernel.dtype)
     a = uniform(rngs, (*lead, rank, in_features), in_features**-0.5, dtype)
     b = jnp.zeros((*lead, out_features, rank), dtype)
-    linear.lora_a = LoRAParam(a, out_sharding=(*lead_axes, None, in_axis))
-    linear.lora_b = LoRAParam(b, out_sharding=(*lead_axes, out_axis, None))
+    linear.lora_a = LoRAParam(a, out_sharding=axes)
+    linear.lora_b = LoRAParam(b, out_sharding=axes)
     linear.lora_scaling = float(scaling)
 
 

@@ -23,13 +23,16 @@ Metrics = dict[str, jax.Array]
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-position float32 cross-entropy and correctness (argmax == target).
+    """Per-position float32 cross-entropy and correctness (argmax == target), both [...]
+    for logits [..., vocab] and targets [...].
 
-    Targets outside [0, vocab) (the -1 / -2 fillers) give a finite value; mask them out."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    ce = logsumexp(logits) - logits[target], without a full log-softmax array. Targets
+    outside [0, vocab) (the -1 / -2 fillers) give a finite value; mask them out."""
+    x = logits.astype(jnp.float32)
     safe = jnp.clip(targets, 0, logits.shape[-1] - 1)
-    ce = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
-    return ce, jnp.argmax(logp, axis=-1) == targets
+    picked = jnp.take_along_axis(x, safe[..., None], axis=-1)[..., 0]
+    ce = jax.nn.logsumexp(x, axis=-1) - picked
+    return ce, jnp.argmax(x, axis=-1) == targets
 
 
 def _normalised(ce: jax.Array, w: jax.Array) -> jax.Array:

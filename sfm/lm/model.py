@@ -18,10 +18,16 @@ from flax import nnx
 
 from sfm.data.layout import IGNORE, INITIAL
 from sfm.lm.config import LMConfig
-from sfm.lm.layers import Embedding, LayerStack, StepLinear
+from sfm.lm.layers import ACTIVATION_AXES, Embedding, LayerStack, StepLinear
 from sfm.nn.norm import RMSNorm
+from sfm.parallel.rules import constrain
 
 State = dict[str, Any]
+# Logical axes of activations (sfm.parallel.rules.constrain: batch-sharded on a mesh, a
+# no-op without one): depth transformer input [B * T, K, D'], logits [B, T, (K,) vocab].
+DEPTH_AXES = ("batch", "time", "depth_embed")
+TEXT_LOGIT_AXES = ("batch", "time", "vocab")
+AUDIO_LOGIT_AXES = ("batch", "time", "steps", "vocab")
 
 
 @jax.tree_util.register_dataclass
@@ -76,6 +82,7 @@ class MoshiDepth(nnx.Module):
         self.transformer = LayerStack(
             d.num_layers,
             remat=cfg.temporal.remat,
+            scan_unroll=d.scan_unroll,
             n_weights=k,
             rngs=rngs,
             **_layer_kw(d, None, d.max_period, cfg),
@@ -98,7 +105,7 @@ class MoshiDepth(nnx.Module):
         emb = jnp.stack(
             [self._token_emb(i, tokens_bst[:, i], h_btd.dtype) for i in range(k)], axis=2
         )
-        x = (proj + emb).reshape(b * t, k, -1)
+        x = constrain((proj + emb).reshape(b * t, k, -1), DEPTH_AXES)
         pos = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b * t, k))
         y = self.transformer(x, pos, steps)
         return self.linears(y, steps).reshape(b, t, k, -1), None
@@ -133,6 +140,7 @@ class CsmDepth(nnx.Module):
         self.transformer = LayerStack(
             d.num_layers,
             remat=cfg.temporal.remat,
+            scan_unroll=d.scan_unroll,
             rngs=rngs,
             **_layer_kw(d, None, d.max_period, cfg),
         )
@@ -167,7 +175,7 @@ class CsmDepth(nnx.Module):
             tok_sel = jnp.take_along_axis(tokens_bst, frames[:, None, :], axis=2)
         n = h_sel.shape[1]
         parts = [h_sel] + [emb[i](tok_sel[:, 1 + i], h_btd.dtype) for i in range(k - 1)]
-        x = self.proj(jnp.stack(parts, axis=2)).reshape(b * n, k, -1)
+        x = constrain(self.proj(jnp.stack(parts, axis=2)).reshape(b * n, k, -1), DEPTH_AXES)
         pos = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b * n, k))
         y = self.transformer(x, pos)[:, 1:]
         rest = self.heads(y, tuple(range(k - 1))).reshape(b, n, k - 1, -1)
@@ -208,7 +216,11 @@ class LM(nnx.Module):
             [Embedding(cfg.card, t.dim, param_dtype=pd, rngs=rngs) for _ in range(cfg.n_audio)]
         )
         self.transformer = LayerStack(
-            t.num_layers, remat=t.remat, rngs=rngs, **_layer_kw(t, t.context, t.max_period, cfg)
+            t.num_layers,
+            remat=t.remat,
+            scan_unroll=t.scan_unroll,
+            rngs=rngs,
+            **_layer_kw(t, t.context, t.max_period, cfg),
         )
         self.out_norm = RMSNorm(t.dim, eps=t.norm_eps, param_dtype=pd)
         self.text_linear = StepLinear(
@@ -233,19 +245,20 @@ class LM(nnx.Module):
         """Temporal transformer over input tokens (frame t - 1 at step t) -> normed h [B, T, D]."""
         b, _, t = inputs_bst.shape
         pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        return self.out_norm(self.transformer(self.embed(inputs_bst), pos))
+        x = constrain(self.embed(inputs_bst), ACTIVATION_AXES)
+        return constrain(self.out_norm(self.transformer(x, pos)), ACTIVATION_AXES)
 
     def __call__(self, tokens_bst: jax.Array, *, rng: jax.Array | None = None) -> LMOutput:
         """Teacher-forced logits for delayed tokens [B, S, T] (see LMOutput)."""
         b, s, _ = tokens_bst.shape
         initial = jnp.full((b, s, 1), INITIAL, tokens_bst.dtype)
         h = self.backbone(jnp.concatenate([initial, tokens_bst[:, :, :-1]], axis=2))
-        text_logits = self.text_linear(h)
+        text_logits = constrain(self.text_linear(h), TEXT_LOGIT_AXES)
         if isinstance(self.depth, CsmDepth):
             audio, mask = self.depth(h, tokens_bst, rng, self.emb)
         else:
             audio, mask = self.depth(h, tokens_bst, rng)
-        return LMOutput(text_logits, audio, mask)
+        return LMOutput(text_logits, constrain(audio, AUDIO_LOGIT_AXES), mask)
 
     # ------------------------------------------------------------------ streaming
 

@@ -5,7 +5,9 @@ from sfm.parallel.distributed import DistributedInfo, initialize_from_env
 from sfm.parallel.mesh import build_mesh
 from sfm.parallel.rules import (
     activation_constraint,
+    activation_sharding,
     batch_sharding,
+    constrain,
     logical_to_mesh_spec,
     param_shardings,
     shard_model,
@@ -17,8 +19,10 @@ __all__ = [
     "DistributedInfo",
     "MeshConfig",
     "activation_constraint",
+    "activation_sharding",
     "batch_sharding",
     "build_mesh",
+    "constrain",
     "initialize_from_env",
     "logical_to_mesh_spec",
     "param_shardings",

@@ -7,21 +7,28 @@ spec wins (as in MaxText). A mesh axis is used at most once per spec: later uses
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 Rules = Sequence[tuple[str, Sequence[str] | str | None]]
 LogicalAxes = PartitionSpec | Sequence[str | Sequence[str] | None]
 ModuleT = TypeVar("ModuleT", bound=nnx.Module)
 
 logger = logging.getLogger(__name__)
+
+# The rules `constrain` resolves activation axes with; set by `activation_sharding`.
+_ACTIVATION_RULES: contextvars.ContextVar[tuple[Any, ...] | None] = contextvars.ContextVar(
+    "sfm_activation_rules", default=None
+)
 
 
 def logical_to_mesh_spec(logical: LogicalAxes, rules: Rules) -> PartitionSpec:
@@ -86,6 +93,34 @@ def activation_constraint(
         return x
     spec = _checked_spec(logical_to_mesh_spec(logical_axes, rules), mesh, "activation")
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | AbstractMesh, rules: Rules) -> Iterator[None]:
+    """Within this context `constrain` shards activations over mesh by rules.
+
+    Usable inside jit (it sets JAX's abstract mesh, not a device context): the train step
+    enters it around the loss so that model code need not know the mesh or the rules."""
+    token = _ACTIVATION_RULES.set(tuple(rules))
+    try:
+        with jax.sharding.use_abstract_mesh(getattr(mesh, "abstract_mesh", mesh)):
+            yield
+    finally:
+        _ACTIVATION_RULES.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
+    """Constrain activation x to its logical axes under `activation_sharding`.
+
+    A no-op outside that context or on a single device; a dim its mesh axes do not divide
+    stays replicated."""
+    rules = _ACTIVATION_RULES.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh.empty or mesh.size == 1:
+        return x
+    spec = _checked_spec(logical_to_mesh_spec(logical_axes, rules), mesh, "activation")
+    spec = _fit_to_shape(spec, tuple(x.shape), mesh, "activation", [])
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:

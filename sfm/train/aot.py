@@ -4,6 +4,9 @@
 the topology's (virtual) devices, lowers and compiles the jitted train step with libtpu
 (`pip install sfm[tpu]`) and reports per-device memory and FLOPs, so a config can be checked
 to fit before any TPU is rented. Out-of-HBM fails here, as it would on the real slice.
+The compiled step is the one `sfm train` runs: parameters and optimizer state sharded by
+`mesh.rules`, activations batch-sharded by the model's `constrain` calls (the step enters
+`activation_sharding` around the loss). Measured numbers for moshi_7b: launch/README.md.
 
 FLOPs: "model" is the analytic training count used for MFU (sfm.train.metrics); XLA's cost
 analysis of the compiled step counts a loop body once, so with the layers under `scan` it
@@ -32,7 +35,8 @@ one megacore device) and chips on v5e and v6e. An explicit shape such as `v5p:4x
 
 v4 and v5p are 3-D (chip config "megacore", 4 chips per host as 2x2x1, wraparound links on
 full 4x4x4 cubes and up); v5e and v6e are 2-D (4 chips per host, 8 on a single-host 2x4).
-Run as `python -m sfm.train.aot CONFIG --topology NAME [KEY=VALUE ...]`.
+Run as `python -m sfm.train.aot CONFIG --topology NAME [KEY=VALUE ...]` or
+`sfm compile CONFIG --topology NAME [KEY=VALUE ...]`.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh
 
 from sfm.config import Config, ConfigError, load_config
@@ -265,7 +270,9 @@ def abstract_parts(cfg: Config, task: Task, mesh: Mesh) -> TrainParts:
         for x, k in ((params, "params"), (mutable, "mutable"), (frozen, "frozen"))
     )
     opt_state = _abstract(jax.eval_shape(tx.init, params), sh["opt_state"])
-    return TrainParts(graphdef, params, mutable, frozen, opt_state, tx, sh, mutable_filter)
+    return TrainParts(
+        graphdef, params, mutable, frozen, opt_state, tx, sh, mutable_filter, cfg.mesh.rules
+    )
 
 
 def abstract_batch(cfg: Config, mesh: Mesh, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -295,12 +302,20 @@ def _global_batch(cfg: Config, mesh: Mesh, hosts: int, label: str) -> int:
 def _compile(step: Any, args: tuple[Any, ...], label: str) -> tuple[Any, float]:
     """Lower and compile; out-of-memory becomes an AotError."""
     t0 = time.perf_counter()
+    # A persistent compilation cache (`sfm compile` turns one on) would store the TPU program
+    # but cannot load it back without a TPU client: keep it out of the way.
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # jax decides once whether to use it: decide again
     try:
         compiled = step.lower(*args).compile()
     except Exception as err:  # XLA raises JaxRuntimeError / XlaRuntimeError
         if "RESOURCE_EXHAUSTED" in str(err):
             raise AotError(f"{label}: out of HBM at compile time: {_oom_summary(err)}") from err
         raise
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
+        compilation_cache.reset_cache()
     return compiled, time.perf_counter() - t0
 
 
@@ -398,14 +413,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--topology", required=True, help="v5p-128, v5e-16, v6e-64, v4-32, ...")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     args = parser.parse_intermixed_args(argv)
+    return run(args.config, args.topology, args.overrides)
+
+
+def run(config: str, topology: str, overrides: Sequence[str], *, prefix: str = "error") -> int:
+    """Compile CONFIG (with overrides) for the topology and print the report; returns the
+    exit status: 0, 1 when it does not fit or compile, 2 for a bad config. Errors are one
+    line on stderr, `{prefix}: ...` (`sfm compile` calls this too)."""
     # Everything is abstract: keep JAX off local accelerators and libtpu's host discovery quiet.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     try:
-        cfg = load_config(args.config, args.overrides)
-        report = compile_for_topology(cfg, args.topology, label=args.config)
+        cfg = load_config(config, list(overrides))
+        report = compile_for_topology(cfg, topology, label=config)
     except (ConfigError, AotError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{prefix}: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
     print(report.table())
     return 0

@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sfm.parallel.rules import Rules, batch_sharding, param_shardings
+from sfm.parallel.rules import Rules, activation_sharding, batch_sharding, param_shardings
 from sfm.train.config import OptimConfig, TrainConfig
 
 Batch = dict[str, jax.Array]
@@ -53,6 +53,7 @@ class TrainParts:
     tx: optax.GradientTransformation
     shardings: dict[str, Any]
     mutable_filter: Any = nnx.Nothing
+    rules: Rules | None = None  # logical axis rules; given, activations are sharded by them
 
 
 def train_shardings(
@@ -100,7 +101,7 @@ def split_model(
         for x, k in ((params, "params"), (mut, "mutable"), (frozen, "frozen"))
     )
     opt_state = jax.jit(tx.init, out_shardings=sh["opt_state"])(params)
-    return TrainParts(graphdef, params, mut, frozen, opt_state, tx, sh, mutable)
+    return TrainParts(graphdef, params, mut, frozen, opt_state, tx, sh, mutable, rules)
 
 
 def _microbatches(batch: Batch, n: int) -> Batch:
@@ -114,6 +115,7 @@ def build_train_step(
     """jit(step)(params, mutable, frozen, opt_state, batch, rng)
     -> (params, mutable, opt_state, metrics); params, mutable and opt_state are donated."""
     graphdef, tx, accum, mut_filter = parts.graphdef, parts.tx, cfg.grad_accum, parts.mutable_filter
+    mesh, rules = parts.shardings["replicated"].mesh, parts.rules
 
     def loss_of(
         params: nnx.State, mutable: nnx.State, frozen: nnx.State, batch: Batch, rng: jax.Array
@@ -122,7 +124,11 @@ def build_train_step(
         # (nnx transforms inside the model refuse Variables made at the outer jit level).
         mutable, frozen = jax.tree.map(lambda x: x, (mutable, frozen))
         model = nnx.merge(graphdef, params, mutable, frozen)
-        loss, metrics = loss_fn(model, batch, rng)
+        if rules is None:
+            loss, metrics = loss_fn(model, batch, rng)
+        else:  # the model's `constrain` calls shard activations (the batch axis) on the mesh
+            with activation_sharding(mesh, rules):
+                loss, metrics = loss_fn(model, batch, rng)
         return loss, (metrics, nnx.state(model, mut_filter))
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
