@@ -87,13 +87,13 @@ def make_corpus(out: Path, scale: float) -> None:
     from sfm.data.text import qa_pairs, sentences
 
     speech, dialogues, text = out / "speech", out / "dialogues", out / "text.txt"
-    minutes = max(scale, 0.1)
+    size = max(scale, 0.1)  # a smoke run still needs a train and a validation split
     if not (speech / "manifest.jsonl").is_file():
-        print(synth_corpus(speech, minutes=SPEECH_MINUTES * minutes, seed=0).line())
+        print(synth_corpus(speech, minutes=SPEECH_MINUTES * size, seed=0).line())
     if not (dialogues / "manifest.jsonl").is_file():
-        print(synth_dialogues(dialogues, minutes=DIALOGUE_MINUTES * minutes, seed=1).line())
+        print(synth_dialogues(dialogues, minutes=DIALOGUE_MINUTES * size, seed=1).line())
     if not text.is_file():
-        n = max(200, int(TEXT_LINES * minutes))
+        n = max(200, int(TEXT_LINES * size))
         qa = [f"{p.question.capitalize()}? {p.answer.capitalize()}." for p in qa_pairs(n // 4, 3)]
         text.write_text("\n".join([*sentences(n, 2), *qa]) + "\n")
 
@@ -181,9 +181,9 @@ def evaluate_codec(codec_ckpt: Path, wavs: list[Path]) -> dict[str, float]:
     cfg = load_run_config(None, codec_ckpt, ())
     models = {"trained": build_codec(cfg, codec_ckpt), "untrained": build_codec(cfg)}
     sr = cfg.codec.sample_rate
+    roundtrip = nnx.jit(lambda m, x: m.decode(m.encode(x)))
     out: dict[str, float] = {}
     for name, model in models.items():
-        roundtrip = nnx.jit(lambda m, x: m.decode(m.encode(x)))
         mel, sdr = [], []
         for path in wavs:
             wav, _ = sf.read(path, dtype="float32", always_2d=True)
@@ -194,6 +194,14 @@ def evaluate_codec(codec_ckpt: Path, wavs: list[Path]) -> dict[str, float]:
         out[f"{name}_mel"] = float(np.mean(mel))
         out[f"{name}_si_sdr"] = float(np.mean(sdr))
     return out
+
+
+def _load_lm(cfg: Config, weights: Path) -> nnx.Module:
+    """The LM of `cfg` with the exported weights at `weights` (LoRA already merged)."""
+    from sfm.train.tasks import LMTask
+
+    no_lora = dataclasses.replace(cfg.train, init_from=str(weights), lora_rank=0)
+    return LMTask().build_model(dataclasses.replace(cfg, train=no_lora))
 
 
 def _entropy(values: np.ndarray) -> float:
@@ -208,7 +216,7 @@ def evaluate_lm(cfg: Config, weights: Path, source: str, shard: Path) -> dict[st
     and the unigram entropy of exactly those targets (what a model ignoring context gets)."""
     from sfm.data.pipeline import build_dataset
     from sfm.lm.loss import lm_loss_fn
-    from sfm.train.tasks import LMTask, lm_data_config
+    from sfm.train.tasks import lm_data_config
 
     weights_by_source = {"speech": (0, 1, 0, 0), "duplex": (0, 0, 0, 1)}[source]
     data = dataclasses.replace(
@@ -219,9 +227,7 @@ def evaluate_lm(cfg: Config, weights: Path, source: str, shard: Path) -> dict[st
         shard_count=1,
         num_workers=0,
     )
-    model = LMTask().build_model(
-        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(weights)))
-    )
+    model = _load_lm(cfg, weights)
     loss = nnx.jit(lambda m, b: lm_loss_fn(m, b)[1])
     sums = {"text": 0.0, "cb0": 0.0}
     counts = {"text": 0.0, "cb0": 0.0}
@@ -253,13 +259,10 @@ def generate_reply(
     from sfm.data.text_stream import TEXT_EPAD, TEXT_PAD
     from sfm.data.tokenizer import load_tokenizer
     from sfm.lm.generate import SamplingConfig, generate
-    from sfm.train.tasks import LMTask
 
     record = next(_records(shard))
     user_kt = np.asarray(record["codes"][1], np.int32)
-    model = LMTask().build_model(
-        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(weights)))
-    )
+    model = _load_lm(cfg, weights)
     sampling = SamplingConfig(temp=0.8, top_k=cfg.lm.card // 2, temp_text=0.7, top_k_text=25)
     frames = np.asarray(generate(model, user_kt[None], sampling, jax.random.key(cfg.seed)))[0]
     text_t, codes_kt = frames[0], frames[1:]
@@ -267,8 +270,8 @@ def generate_reply(
     codec = build_codec(codec_cfg, codec_ckpt)
     assistant = np.asarray(codec.decode(jnp.asarray(np.clip(codes_kt, 0, None))[None]))[0]
     user, sr = sf.read(corpus / "dialogues" / record["path"], dtype="float32", always_2d=True)
-    n = min(user.shape[0], assistant.shape[-1])
-    stereo = np.stack([assistant[..., :n].reshape(-1)[:n], user[:n, 1]], axis=1)
+    n = min(user.shape[0], assistant.shape[0])
+    stereo = np.stack([assistant[:n], user[:n, 1]], axis=1)
     sf.write(out / "reply.wav", np.clip(stereo, -1, 1), sr)
     sp = load_tokenizer(spm)
 
