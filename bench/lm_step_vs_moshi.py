@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
+# First, so that both libraries allocate under the host memory settings sfm makes on CPU.
+import sfm.host  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import flax  # noqa: E402
@@ -51,7 +54,7 @@ from sfm.data.layout import INITIAL, apply_delays  # noqa: E402
 from sfm.interop.moshi_lm import import_moshi_lm, lm_config_from_moshi  # noqa: E402
 from sfm.lm.config import LMConfig  # noqa: E402
 from sfm.lm.generate import Generator, SamplingConfig, _step  # noqa: E402
-from sfm.lm.loss import lm_loss  # noqa: E402
+from sfm.lm.loss import lm_loss_fn  # noqa: E402
 
 
 def moshi_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -131,7 +134,7 @@ def _pad_weights(targets: torch.Tensor, pad: int, weight: float) -> torch.Tensor
 
 
 def moshi_loss(out: Any, codes: torch.Tensor, cfg: LMConfig) -> torch.Tensor:
-    """The loss of `lm_loss` on moshi's undelayed logits: weighted text CE (padding token
+    """The loss of sfm's `lm_loss_fn` on moshi's undelayed logits: weighted text CE (padding token
     down-weighted) + weighted audio CE (semantic codebook up-weighted), each normalised."""
     lw, k = cfg.loss, cfg.dep_q
     text_m = out.text_mask[:, 0]
@@ -159,8 +162,7 @@ def sfm_tokens(codes_bkt: np.ndarray, cfg: LMConfig) -> tuple[np.ndarray, np.nda
 @partial(jax.jit, static_argnums=(0,))
 def _value_and_grad(graphdef: Any, params: Any, tokens: jax.Array, mask: jax.Array) -> Any:
     def loss(p: Any) -> jax.Array:
-        model = nnx.merge(graphdef, p)
-        return lm_loss(model(tokens), tokens, mask, model.cfg)[0]
+        return lm_loss_fn(nnx.merge(graphdef, p), {"tokens": tokens, "mask": mask})[0]
 
     return jax.value_and_grad(loss)(params)
 
@@ -225,6 +227,8 @@ def environment(threads: int) -> dict[str, Any]:
         "torch_threads": threads,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "load_average": os.getloadavg(),
+        # sfm.host: freed host memory kept for reuse (both libraries share the process)
+        "host_memory_retained": sfm.host.retained(),
     }
 
 
@@ -258,7 +262,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--scan-unroll",
-        default="depth",
+        default="all",
         choices=("none", "depth", "all"),
         help="sfm layer scans to unroll in training (lm.{temporal,depth}.scan_unroll)",
     )

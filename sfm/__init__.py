@@ -15,6 +15,11 @@ def _cpu_only_host() -> bool:
 if "JAX_PLATFORMS" not in os.environ and _cpu_only_host():
     os.environ["JAX_PLATFORMS"] = "cpu"
 
+from sfm.host import configure_for_cpu  # noqa: E402
+
+# XLA:CPU re-faults its temporaries in at every step unless freed memory is kept (sfm.host).
+configure_for_cpu()
+
 import flax  # noqa: E402 - after the platform choice, which must precede importing jax
 
 # Parameters are placed by the logical-axis rules in `sfm.parallel`, never at creation time.

@@ -66,6 +66,16 @@ class StepLinear(nnx.Module):
         self.lora_b: nnx.Param | None = nnx.data(None)
         self.lora_scaling = 1.0
 
+    def weights(self, dtype: Any) -> jax.Array:
+        """The weight sets [n_weights, out, in] in `dtype`, with the adapter folded in (so a
+        gradient through them reaches the kernel and the adapter alike)."""
+        w = self.kernel[...].astype(dtype)
+        if self.lora_a is None:
+            return w
+        assert self.lora_b is not None
+        a, b = self.lora_a[...].astype(dtype), self.lora_b[...].astype(dtype)
+        return w + (self.lora_scaling * jnp.einsum("...or,...ri->...oi", b, a)).astype(dtype)
+
     def __call__(self, x_bti: jax.Array, steps: Steps = None) -> jax.Array:
         """[..., T, in] -> [..., T, out]; position t uses weight set steps[t] (all: set 0)."""
         w = self.kernel[...].astype(x_bti.dtype)

@@ -4,22 +4,45 @@ Normalised as in Moshi fine-tuning: the text term is sum(w * ce) / sum(w) over t
 stream, the audio term the same over the predicted codebooks, and the loss is their sum.
 Weights: the loss mask, times `loss.text_pad` where the text target is the padding token,
 times `loss.semantic` on codebook 0 and `loss.acoustic` on the others (whose frames are also
-limited to `depth_mask` when the depth decoder ran on a subset of frames). Because each term
-is normalised by its own weights, `loss.text` scales the normalised text term.
+limited to the ones the depth decoder ran on under CSM amortization). Because each term is
+normalised by its own weights, `loss.text` scales the normalised text term.
+
+Two ways to the same numbers: `lm_loss` scores the logits of a forward pass (`LMOutput`);
+`lm_loss_fn`, the training loss, scores the output heads' inputs with
+`sfm.lm.head_loss.head_cross_entropy`, which never keeps the logits for the backward pass.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from sfm.lm.config import LMConfig
-from sfm.lm.model import LMOutput
+from sfm.lm.head_loss import head_cross_entropy
+from sfm.lm.model import Heads, LMHeads, LMOutput
 
 Metrics = dict[str, jax.Array]
+
+
+class Scored(NamedTuple):
+    """Per-position results of a group of heads, step-major [K, rows]."""
+
+    ce: jax.Array
+    correct: jax.Array
+    mask: jax.Array  # float loss mask
+    weight: jax.Array  # mask times the per-token loss weight, before normalisation
+
+
+class Targets(NamedTuple):
+    """Targets, float loss mask and loss weights of a group of heads, step-major [K, rows]."""
+
+    tokens: jax.Array
+    mask: jax.Array
+    weight: jax.Array
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -35,10 +58,45 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax
     return ce, jnp.argmax(x, axis=-1) == targets
 
 
+def _step_major(x_bkt: jax.Array, frames_bn: jax.Array | None) -> jax.Array:
+    """[B, K, T] -> [K, rows] over (b, t), or over (b, j) for frames frames_bn[b, j]."""
+    if frames_bn is not None:
+        x_bkt = jnp.take_along_axis(x_bkt, frames_bn[:, None, :], axis=2)
+    return jnp.moveaxis(x_bkt, 1, 0).reshape(x_bkt.shape[1], -1)
+
+
+def text_targets(tokens_bst: jax.Array, mask_bst: jax.Array, cfg: LMConfig) -> Targets:
+    """The text stream [1, B * T]; padding targets weigh `loss.text_pad`."""
+    tokens = _step_major(tokens_bst[:, :1], None)
+    mask = _step_major(mask_bst[:, :1], None).astype(jnp.float32)
+    return Targets(tokens, mask, mask * jnp.where(tokens == cfg.text_pad, cfg.loss.text_pad, 1.0))
+
+
+def audio_targets(
+    tokens_bst: jax.Array,
+    mask_bst: jax.Array,
+    cfg: LMConfig,
+    codebooks: range,
+    frames_bn: jax.Array | None = None,
+) -> Targets:
+    """The model's `codebooks` [len, rows] on all frames or on `frames_bn`; codebook 0
+    weighs `loss.semantic`, the others `loss.acoustic`."""
+    streams = slice(1 + codebooks.start, 1 + codebooks.stop)
+    tokens = _step_major(tokens_bst[:, streams], frames_bn)
+    mask = _step_major(mask_bst[:, streams], frames_bn).astype(jnp.float32)
+    lw = cfg.loss
+    per_cb = jnp.asarray([lw.semantic if k == 0 else lw.acoustic for k in codebooks])
+    return Targets(tokens, mask, mask * per_cb[:, None].astype(jnp.float32))
+
+
 def _normalised(ce: jax.Array, w: jax.Array) -> jax.Array:
     """sum(w * ce) / sum(w), 0 when no weight."""
-    den = w.sum()
-    return jnp.where(den > 0, (w * ce).sum() / jnp.where(den > 0, den, 1.0), 0.0)
+    return (w * ce).sum() * _inverse(w.sum())
+
+
+def _inverse(total: jax.Array) -> jax.Array:
+    """1 / total, 0 for a total of 0."""
+    return jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
 
 
 def _stream_metrics(name: str, ce: jax.Array, ok: jax.Array, m: jax.Array) -> Metrics:
@@ -52,48 +110,77 @@ def _stream_metrics(name: str, ce: jax.Array, ok: jax.Array, m: jax.Array) -> Me
     }
 
 
-def _audio_mask(out: LMOutput, mask_bst: jax.Array, dep_q: int) -> jax.Array:
-    """[B, T, dep_q] loss mask of the model's codebooks, limited to depth_mask for k >= 1."""
-    m = jnp.moveaxis(mask_bst[:, 1 : 1 + dep_q], 1, 2).astype(jnp.float32)
-    if out.depth_mask is None:
-        return m
-    depth = out.depth_mask.astype(jnp.float32)[..., None]
-    keep = jnp.concatenate([jnp.ones_like(depth), jnp.repeat(depth, dep_q - 1, axis=-1)], -1)
-    return m * keep
+def _metrics(text: Scored, audio: Sequence[Scored]) -> Metrics:
+    """Normalised text and audio terms and per-stream metrics (codebooks in order)."""
+    flat = lambda field: jnp.concatenate([getattr(g, field).reshape(-1) for g in audio])
+    metrics: Metrics = {
+        "text_loss": _normalised(text.ce, text.weight),
+        "audio_loss": _normalised(flat("ce"), flat("weight")),
+    }
+    metrics |= _stream_metrics("text", text.ce[0], text.correct[0], text.mask[0])
+    rows = [(g.ce[i], g.correct[i], g.mask[i]) for g in audio for i in range(g.ce.shape[0])]
+    for k, row in enumerate(rows):
+        metrics |= _stream_metrics(f"cb{k}", *row)
+    return metrics
 
 
 def lm_loss(
     out: LMOutput, tokens_bst: jax.Array, mask_bst: jax.Array, cfg: LMConfig
 ) -> tuple[jax.Array, Metrics]:
-    """(loss, metrics) for delayed tokens and loss mask [B, S, T] (see the module doc)."""
-    k, lw = cfg.dep_q, cfg.loss
-    text_t = tokens_bst[:, 0]
-    text_m = mask_bst[:, 0].astype(jnp.float32)
-    audio_t = jnp.moveaxis(tokens_bst[:, 1 : 1 + k], 1, 2)  # [B, T, K]
-    audio_m = _audio_mask(out, mask_bst, k)
-    text_ce, text_ok = cross_entropy(out.text_logits, text_t)
-    audio_ce, audio_ok = cross_entropy(out.audio_logits, audio_t)
+    """(loss, metrics) of the logits of a forward pass, for delayed tokens and loss mask
+    [B, S, T] (see the module doc)."""
+    k = cfg.dep_q
+    text = text_targets(tokens_bst, mask_bst, cfg)
+    audio = audio_targets(tokens_bst, mask_bst, cfg, range(k))
+    if out.depth_mask is not None:  # codebooks >= 1 only where the decoder ran
+        ran = _step_major(out.depth_mask[:, None], None).astype(jnp.float32)  # [1, B * T]
+        keep = jnp.concatenate([jnp.ones_like(ran), jnp.repeat(ran, k - 1, axis=0)])
+        audio = Targets(audio.tokens, audio.mask * keep, audio.weight * keep)
+    b, t = tokens_bst.shape[0], tokens_bst.shape[2]
+    text_logits = out.text_logits.reshape(1, b * t, -1)
+    audio_logits = jnp.moveaxis(out.audio_logits, 2, 0).reshape(k, b * t, -1)
+    text_s = Scored(*cross_entropy(text_logits, text.tokens), text.mask, text.weight)
+    audio_s = Scored(*cross_entropy(audio_logits, audio.tokens), audio.mask, audio.weight)
+    metrics = _metrics(text_s, [audio_s])
+    loss = cfg.loss.text * metrics["text_loss"] + metrics["audio_loss"]
+    return loss, {"loss": loss} | metrics
 
-    text_w = text_m * jnp.where(text_t == cfg.text_pad, lw.text_pad, 1.0)
-    per_cb = jnp.asarray([lw.semantic] + [lw.acoustic] * (k - 1), jnp.float32)
-    text_loss = _normalised(text_ce, text_w)
-    audio_loss = _normalised(audio_ce, audio_m * per_cb)
-    loss = lw.text * text_loss + audio_loss
 
-    metrics: Metrics = {"loss": loss, "text_loss": text_loss, "audio_loss": audio_loss}
-    metrics |= _stream_metrics("text", text_ce, text_ok, text_m)
-    for i in range(k):
-        metrics |= _stream_metrics(f"cb{i}", audio_ce[..., i], audio_ok[..., i], audio_m[..., i])
-    return loss, metrics
+def heads_loss(
+    heads: LMHeads, tokens_bst: jax.Array, mask_bst: jax.Array, cfg: LMConfig
+) -> tuple[jax.Array, Metrics]:
+    """`lm_loss` of the logits the heads would give, without materialising them for the
+    backward pass (sfm.lm.head_loss)."""
+    text = text_targets(tokens_bst, mask_bst, cfg)
+    audio, first = [], 0
+    for group in heads.audio:
+        codebooks = range(first, first + group.x_kni.shape[0])
+        audio.append(audio_targets(tokens_bst, mask_bst, cfg, codebooks, group.frames_bn))
+        first = codebooks.stop
+    if first != cfg.dep_q:
+        raise ValueError(f"the audio heads cover {first} codebooks, the config {cfg.dep_q}")
+    text_scale = cfg.loss.text * _inverse(text.weight.sum())
+    audio_scale = _inverse(sum(a.weight.sum() for a in audio))
+
+    def score(group: Heads, targets: Targets, scale: jax.Array) -> tuple[jax.Array, Scored]:
+        weight = targets.weight * scale
+        out = head_cross_entropy(group.x_kni, group.kernel_kvi, targets.tokens, weight)
+        return out.loss, Scored(out.ce_kn, out.correct_kn, targets.mask, targets.weight)
+
+    text_loss, text_s = score(heads.text, text, text_scale)
+    audio_parts = [score(g, a, audio_scale) for g, a in zip(heads.audio, audio)]
+    loss = text_loss + sum(part for part, _ in audio_parts)
+    return loss, {"loss": loss} | _metrics(text_s, [s for _, s in audio_parts])
 
 
 def lm_loss_fn(
     model: nnx.Module, batch: dict[str, Any], rng: jax.Array | None = None
 ) -> tuple[jax.Array, Metrics]:
-    """Forward pass on batch["tokens"] and lm_loss against batch["mask"] (for nnx.grad)."""
+    """The training loss: forward pass on batch["tokens"] up to the heads and `heads_loss`
+    against batch["mask"] (for nnx.grad)."""
     tokens = jnp.asarray(batch["tokens"])
-    out = model(tokens, rng=rng)
-    return lm_loss(out, tokens, jnp.asarray(batch["mask"]), model.cfg)
+    heads = model.head_inputs(tokens, rng=rng)
+    return heads_loss(heads, tokens, jnp.asarray(batch["mask"]), model.cfg)
 
 
-__all__ = ["cross_entropy", "lm_loss", "lm_loss_fn"]
+__all__ = ["cross_entropy", "heads_loss", "lm_loss", "lm_loss_fn"]

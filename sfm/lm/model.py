@@ -28,6 +28,8 @@ State = dict[str, Any]
 DEPTH_AXES = ("batch", "time", "depth_embed")
 TEXT_LOGIT_AXES = ("batch", "time", "vocab")
 AUDIO_LOGIT_AXES = ("batch", "time", "steps", "vocab")
+# Inputs of a group of heads [K, rows, D]: the rows (batch x frames) batch-sharded.
+HEAD_AXES = ("steps", "batch", "depth_embed")
 
 
 @jax.tree_util.register_dataclass
@@ -44,6 +46,39 @@ class LMOutput:
     text_logits: jax.Array
     audio_logits: jax.Array
     depth_mask: jax.Array | None = None
+
+
+@dataclass(frozen=True)
+class Heads:
+    """A group of output heads, step-major: logits[k] = x_kni[k] @ kernel_kvi[k].T.
+
+    x_kni      [K, N, in]   row n is frame t of item b: n = b * T + t, or with `frames_bn`
+                            n = b * n_frames + j for frame frames_bn[b, j]
+    kernel_kvi [K, vocab, in] in x's dtype, adapters folded in
+    frames_bn  [B, n_frames] or None (every frame)
+    """
+
+    x_kni: jax.Array
+    kernel_kvi: jax.Array
+    frames_bn: jax.Array | None = None
+
+    def logits(self) -> jax.Array:
+        """[K, N, vocab] in x's dtype."""
+        return jnp.einsum("kni,kvi->knv", self.x_kni, self.kernel_kvi)
+
+
+@dataclass(frozen=True)
+class LMHeads:
+    """What the output heads of one teacher-forced pass read (see `LM.head_inputs`): the text head
+    over all frames, and the model's codebooks 0..dep_q-1 in order, split into groups."""
+
+    text: Heads
+    audio: tuple[Heads, ...]
+
+
+def _rows(x_btd: jax.Array) -> jax.Array:
+    """[B, T, D] -> one head's input [1, B * T, D]."""
+    return x_btd.reshape(1, -1, x_btd.shape[-1])
 
 
 def _layer_kw(t: Any, context: int | None, max_period: float | None, cfg: LMConfig) -> dict:
@@ -94,10 +129,10 @@ class MoshiDepth(nnx.Module):
     def _token_emb(self, k: int, tokens: jax.Array, dtype: Any) -> jax.Array:
         return (self.text_emb if k == 0 else self.emb[k - 1])(tokens, dtype)
 
-    def __call__(
+    def head_inputs(
         self, h_btd: jax.Array, tokens_bst: jax.Array, rng: jax.Array | None
-    ) -> tuple[jax.Array, None]:
-        """Teacher-forced logits [B, T, dep_q, card] for every frame."""
+    ) -> tuple[Heads, ...]:
+        """Teacher forcing: the inputs of the dep_q heads, every frame, as one group."""
         b, t, _ = h_btd.shape
         k = self.cfg.dep_q
         steps = tuple(range(k))
@@ -107,8 +142,8 @@ class MoshiDepth(nnx.Module):
         )
         x = constrain((proj + emb).reshape(b * t, k, -1), DEPTH_AXES)
         pos = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b * t, k))
-        y = self.transformer(x, pos, steps)
-        return self.linears(y, steps).reshape(b, t, k, -1), None
+        y = constrain(jnp.moveaxis(self.transformer(x, pos, steps), 1, 0), HEAD_AXES)
+        return (Heads(y, self.linears.weights(y.dtype)),)
 
     def init_state(self, batch: int, dtype: Any) -> State:
         return self.transformer.init_state(batch, self.cfg.dep_q, dtype)
@@ -162,12 +197,14 @@ class CsmDepth(nnx.Module):
         noise = jax.random.uniform(rng, (b, t))
         return jnp.sort(jnp.argsort(noise, axis=1)[:, :n], axis=1)
 
-    def __call__(
+    def head_inputs(
         self, h_btd: jax.Array, tokens_bst: jax.Array, rng: jax.Array | None, emb: nnx.List
-    ) -> tuple[jax.Array, jax.Array | None]:
+    ) -> tuple[Heads, ...]:
+        """Teacher forcing: codebook 0's head on every frame, then the decoder's dep_q - 1
+        heads on the frames drawn for amortization (all frames without `rng`)."""
         b, t, _ = h_btd.shape
         k = self.cfg.dep_q
-        first = self.head0(h_btd)  # [B, T, card]
+        first = Heads(_rows(h_btd), self.head0.weights(h_btd.dtype))
         frames = self._frames(b, t, rng)
         h_sel, tok_sel = h_btd, tokens_bst
         if frames is not None:
@@ -177,14 +214,8 @@ class CsmDepth(nnx.Module):
         parts = [h_sel] + [emb[i](tok_sel[:, 1 + i], h_btd.dtype) for i in range(k - 1)]
         x = constrain(self.proj(jnp.stack(parts, axis=2)).reshape(b * n, k, -1), DEPTH_AXES)
         pos = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b * n, k))
-        y = self.transformer(x, pos)[:, 1:]
-        rest = self.heads(y, tuple(range(k - 1))).reshape(b, n, k - 1, -1)
-        if frames is None:
-            return jnp.concatenate([first[:, :, None], rest], axis=2), None
-        full = jnp.zeros((b, t, k - 1, rest.shape[-1]), rest.dtype)
-        full = full.at[jnp.arange(b)[:, None], frames].set(rest)
-        mask = jnp.zeros((b, t), bool).at[jnp.arange(b)[:, None], frames].set(True)
-        return jnp.concatenate([first[:, :, None], full], axis=2), mask
+        y = constrain(jnp.moveaxis(self.transformer(x, pos)[:, 1:], 1, 0), HEAD_AXES)
+        return first, Heads(y, self.heads.weights(y.dtype), frames)
 
     def init_state(self, batch: int, dtype: Any) -> State:
         return self.transformer.init_state(batch, self.cfg.dep_q, dtype)
@@ -248,17 +279,36 @@ class LM(nnx.Module):
         x = constrain(self.embed(inputs_bst), ACTIVATION_AXES)
         return constrain(self.out_norm(self.transformer(x, pos)), ACTIVATION_AXES)
 
-    def __call__(self, tokens_bst: jax.Array, *, rng: jax.Array | None = None) -> LMOutput:
-        """Teacher-forced logits for delayed tokens [B, S, T] (see LMOutput)."""
+    def head_inputs(self, tokens_bst: jax.Array, *, rng: jax.Array | None = None) -> LMHeads:
+        """Teacher forcing on delayed tokens [B, S, T] up to the output heads: their inputs
+        and kernels (the loss multiplies them itself, see sfm.lm.loss). `rng` draws the
+        frames of CSM compute amortization."""
         b, s, _ = tokens_bst.shape
         initial = jnp.full((b, s, 1), INITIAL, tokens_bst.dtype)
         h = self.backbone(jnp.concatenate([initial, tokens_bst[:, :, :-1]], axis=2))
-        text_logits = constrain(self.text_linear(h), TEXT_LOGIT_AXES)
+        text = Heads(_rows(h), self.text_linear.weights(h.dtype))
         if isinstance(self.depth, CsmDepth):
-            audio, mask = self.depth(h, tokens_bst, rng, self.emb)
-        else:
-            audio, mask = self.depth(h, tokens_bst, rng)
-        return LMOutput(text_logits, constrain(audio, AUDIO_LOGIT_AXES), mask)
+            return LMHeads(text, self.depth.head_inputs(h, tokens_bst, rng, self.emb))
+        return LMHeads(text, self.depth.head_inputs(h, tokens_bst, rng))
+
+    def __call__(self, tokens_bst: jax.Array, *, rng: jax.Array | None = None) -> LMOutput:
+        """Teacher-forced logits for delayed tokens [B, S, T] (see LMOutput)."""
+        b, _, t = tokens_bst.shape
+        heads = self.head_inputs(tokens_bst, rng=rng)
+        text = constrain(heads.text.logits().reshape(b, t, -1), TEXT_LOGIT_AXES)
+        audio, depth_mask = [], None
+        for group in heads.audio:
+            logits = jnp.moveaxis(group.logits(), 0, 1)  # [N, K, vocab]
+            if group.frames_bn is None:
+                audio.append(logits.reshape(b, t, *logits.shape[1:]))
+                continue
+            rows = jnp.arange(b)[:, None]
+            full = jnp.zeros((b, t, *logits.shape[1:]), logits.dtype)
+            picked = logits.reshape(b, -1, *logits.shape[1:])
+            audio.append(full.at[rows, group.frames_bn].set(picked))
+            depth_mask = jnp.zeros((b, t), bool).at[rows, group.frames_bn].set(True)
+        audio_logits = constrain(jnp.concatenate(audio, axis=2), AUDIO_LOGIT_AXES)
+        return LMOutput(text, audio_logits, depth_mask)
 
     # ------------------------------------------------------------------ streaming
 
@@ -301,4 +351,4 @@ def param_count(cfg: LMConfig) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 
 
-__all__ = ["IGNORE", "INITIAL", "LM", "LMOutput", "param_count"]
+__all__ = ["IGNORE", "INITIAL", "LM", "LMHeads", "LMOutput", "Heads", "param_count"]
