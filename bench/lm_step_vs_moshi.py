@@ -6,9 +6,11 @@ test config; flags change the dims), converted into sfm with the interop.
 Streaming: ms per frame of moshi's `LMGen.step` against sfm's compiled `Generator.step`
 (text and dep_q codebooks sampled with Moshi's defaults, or greedy), median and mean over
 `--frames` frames after `--warmup`. Training: frames/s of one forward + backward through the
-teacher-forced model and a cross-entropy on the text and the model's codebooks, the median of
-`--iters` iterations after a warm-up. Each side runs its whole loop on its own: interleaving
-them lets each library's worker threads take the cores from the other.
+teacher-forced model and sfm's training loss (the same cross-entropy written in torch for
+moshi), the median over `--rounds` blocks of `--iters` iterations per side, the blocks of the
+two sides alternating so that both sample the machine's load alike. Each block runs on its
+own: interleaving single steps lets each library's worker threads take the cores from the
+other. On CPU both run under sfm's host memory settings (sfm.host), which the process shares.
 
     NO_TORCH_COMPILE=1 PYTHONPATH=. python bench/lm_step_vs_moshi.py --json out.json
 """
@@ -180,8 +182,16 @@ def _times(fn: Callable[[], Any], warmup: int, iters: int) -> list[float]:
 
 
 def training(
-    tm: torch.nn.Module, model: Any, kwargs: dict[str, Any], batch: int, frames: int, iters: int
-) -> dict[str, dict[str, float]]:
+    tm: torch.nn.Module,
+    model: Any,
+    kwargs: dict[str, Any],
+    batch: int,
+    frames: int,
+    iters: int,
+    rounds: int,
+) -> dict[str, dict[str, Any]]:
+    """Per side: frames/s of the median iteration over `rounds` rounds of `iters` (each round
+    one block per side, the order alternating), and the ratio of each round's medians."""
     cfg = model.cfg
     codes = random_lm_codes(kwargs, batch, frames, seed=2)
     codes_t = torch.from_numpy(codes)
@@ -201,13 +211,23 @@ def training(
         jax.block_until_ready(grads)
         return float(loss)
 
-    losses = {"torch": torch_step(), "sfm": sfm_step()}
-    result = {}
-    for name, fn in (("torch", torch_step), ("sfm", sfm_step)):
-        times = _times(fn, 1, iters)
-        seconds = statistics.median(times)
+    steps = {"torch": torch_step, "sfm": sfm_step}
+    losses = {name: fn() for name, fn in steps.items()}
+    times: dict[str, list[float]] = {"torch": [], "sfm": []}
+    round_ratios = []
+    for r in range(rounds):
+        medians = {}
+        for name in ("torch", "sfm") if r % 2 == 0 else ("sfm", "torch"):
+            block = _times(steps[name], 1, iters)
+            times[name] += block
+            medians[name] = statistics.median(block)
+        round_ratios.append(medians["torch"] / medians["sfm"])
+    result: dict[str, dict[str, Any]] = {}
+    for name, ts in times.items():
+        seconds = statistics.median(ts)
         result[name] = {"frames_per_s": batch * frames / seconds, "s_per_iter": seconds}
-        result[name] |= {"best_s_per_iter": min(times), "loss": losses[name]}
+        result[name] |= {"best_s_per_iter": min(ts), "loss": losses[name]}
+    result["rounds"] = {"ratios": round_ratios}
     tm.eval()
     return result
 
@@ -256,7 +276,8 @@ def main() -> None:
     parser.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--train-frames", type=int, default=125)
-    parser.add_argument("--iters", type=int, default=8, help="timed training iterations")
+    parser.add_argument("--iters", type=int, default=8, help="timed training iterations a block")
+    parser.add_argument("--rounds", type=int, default=3, help="training blocks per side")
     parser.add_argument(
         "--remat", default="none", choices=("none", "full", "dots"), help="sfm rematerialisation"
     )
@@ -297,7 +318,9 @@ def main() -> None:
     print(" ".join(f"{k}={v}" for k, v in env.items()))
     stream = streaming(tm, model, args.batch, args.frames, args.warmup, args.greedy)
     compiles = _step._cache_size()
-    train = training(tm, model, kwargs, args.train_batch, args.train_frames, args.iters)
+    train = training(
+        tm, model, kwargs, args.train_batch, args.train_frames, args.iters, args.rounds
+    )
     env["load_average_end"] = os.getloadavg()
     print(f"load average at end: {env['load_average_end']}")
     print()
@@ -314,7 +337,7 @@ def main() -> None:
     )
     print(
         f"Training: batch {args.train_batch} x {args.train_frames} frames, median of "
-        f"{args.iters} iterations, sfm remat {args.remat!r}, scan unroll temporal "
+        f"{args.rounds} x {args.iters} iterations, sfm remat {args.remat!r}, scan unroll temporal "
         f"{model.transformer.scan_unroll} / depth {model.depth.transformer.scan_unroll}; "
         f"losses moshi {train['torch']['loss']:.4f}, sfm {train['sfm']['loss']:.4f}."
     )
@@ -324,6 +347,8 @@ def main() -> None:
     train_ratio = train["sfm"]["frames_per_s"] / train["torch"]["frames_per_s"]
     print(f"\nstreaming step ratio sfm/torch (median ms): {step_ratio:.2f} (target <= 0.5)")
     print(f"training throughput ratio sfm/torch (frames/s): {train_ratio:.2f} (target >= 1.5)")
+    per_round = " ".join(f"{r:.2f}" for r in train["rounds"]["ratios"])
+    print(f"  per round: {per_round}")
     if args.json:
         result = {"environment": env, "args": vars(args) | {"json": str(args.json)}}
         result |= {"streaming_ms": stream, "training": train, "sfm_step_compiles": compiles}

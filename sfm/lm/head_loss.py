@@ -4,19 +4,25 @@
 sum(weights * ce). Its forward pass runs the heads one after the other and computes, while
 each head's [N, vocab] logits are at hand, the gradients with respect to x and the kernel:
 the loss is linear in ce, so the backward pass only scales them by the incoming cotangent.
-The largest array alive is one head's logits, where plain autodiff keeps every head's
-logits and softmax until the backward pass; the FLOPs equal a plain forward + backward.
+Each head's [N, vocab] logits are dropped once its gradients are out, where plain
+autodiff keeps every head's logits and softmax until the backward pass; the FLOPs equal a
+plain forward + backward.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sfm.parallel.rules import constrain
+
 Arrays = tuple[jax.Array, ...]
+# One head's logits [rows, vocab]: rows batch-sharded, vocab as the kernels (on a mesh).
+LOGIT_AXES = ("batch", "vocab")
 
 
 class HeadCE(NamedTuple):
@@ -48,6 +54,7 @@ def _one_head(
 ) -> Arrays:
     """(ce [N], correct [N], dloss/dlogits [N, vocab]) of one head."""
     logits = jnp.einsum("ni,vi->nv", x_ni, kernel_vi, preferred_element_type=jnp.float32)
+    logits = constrain(logits, LOGIT_AXES)
     vocab = logits.shape[-1]
     top = jnp.max(logits, axis=-1, keepdims=True)
     exp = jnp.exp(logits - top)
@@ -60,6 +67,15 @@ def _one_head(
     return ce, correct, dlogits
 
 
+def _each_head(fn: Callable[[Arrays], Arrays], args: Arrays) -> Arrays:
+    """fn over the leading (head) axis of args, one head after the other, stacked.
+
+    A Python loop rather than a scan: static slices, and no loop around the collectives that
+    the heads need on a mesh (their logits are batch- and vocab-sharded)."""
+    outs = [fn(tuple(a[k] for a in args)) for k in range(args[0].shape[0])]
+    return tuple(jnp.stack(ys) for ys in zip(*outs))
+
+
 @jax.custom_vjp
 def _head_ce(x: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array) -> Arrays:
     """(loss, ce, correct) of the heads, the forward pass alone."""
@@ -68,7 +84,7 @@ def _head_ce(x: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.A
         ce, correct, _ = _one_head(*args)
         return ce, correct
 
-    ce, correct = jax.lax.map(head, (x, kernel, targets, weights))
+    ce, correct = _each_head(head, (x, kernel, targets, weights))
     return jnp.sum(weights * ce), ce, correct
 
 
@@ -85,7 +101,7 @@ def _fwd(
         dkernel = jnp.einsum("nv,ni->vi", g, x_ni, preferred_element_type=jnp.float32)
         return ce, correct, dx.astype(x_ni.dtype), dkernel.astype(kernel_vi.dtype)
 
-    ce, correct, dx, dkernel = jax.lax.map(head, (x, kernel, targets, weights))
+    ce, correct, dx, dkernel = _each_head(head, (x, kernel, targets, weights))
     return (jnp.sum(weights * ce), ce, correct), (dx, dkernel, ce, targets)
 
 

@@ -25,6 +25,7 @@ Steps = tuple[int, ...] | None
 State = dict[str, Any]
 # Logical axes of a [B, T, D] activation (see sfm.parallel.rules.constrain).
 ACTIVATION_AXES = ("batch", "time", "embed")
+TIME_MAJOR_AXES = ("time", "batch", "embed")
 
 
 class Embedding(nnx.Module):
@@ -76,36 +77,45 @@ class StepLinear(nnx.Module):
         a, b = self.lora_a[...].astype(dtype), self.lora_b[...].astype(dtype)
         return w + (self.lora_scaling * jnp.einsum("...or,...ri->...oi", b, a)).astype(dtype)
 
-    def __call__(self, x_bti: jax.Array, steps: Steps = None) -> jax.Array:
-        """[..., T, in] -> [..., T, out]; position t uses weight set steps[t] (all: set 0)."""
+    def __call__(
+        self, x_bti: jax.Array, steps: Steps = None, *, time_major: bool = False
+    ) -> jax.Array:
+        """[..., T, in] -> [..., T, out]; position t uses weight set steps[t] (all: set 0).
+        With `time_major` the positions are the leading axis instead: [T, ..., in]."""
         w = self.kernel[...].astype(x_bti.dtype)
         if self.n_weights == 1 or steps is None:
-            y = jnp.einsum("...ti,oi->...to", x_bti, w[0])
+            y = jnp.einsum("...i,oi->...o", x_bti, w[0])
         else:
-            y = _step_matmul(x_bti, _per_step(w, steps, x_bti.shape[-2]))
-        return y if self.lora_a is None else y + self._lora(x_bti, steps)
+            y = _step_matmul(x_bti, self._sets(w, steps, x_bti, time_major), time_major)
+        return y if self.lora_a is None else y + self._lora(x_bti, steps, time_major)
 
-    def _lora(self, x_bti: jax.Array, steps: Steps) -> jax.Array:
+    @staticmethod
+    def _sets(w: jax.Array, steps: tuple[int, ...], x: jax.Array, time_major: bool) -> jax.Array:
+        return _per_step(w, steps, x.shape[0] if time_major else x.shape[-2])
+
+    def _lora(self, x_bti: jax.Array, steps: Steps, time_major: bool) -> jax.Array:
         """The adapter's term scaling * (x @ A[s].T) @ B[s].T, [..., T, out]."""
         assert self.lora_a is not None and self.lora_b is not None
         a = self.lora_a[...].astype(x_bti.dtype)
         b = self.lora_b[...].astype(x_bti.dtype)
         if self.n_weights == 1 or steps is None:
-            h = jnp.einsum("...ti,ri->...tr", x_bti, a[0])
-            y = jnp.einsum("...tr,or->...to", h, b[0])
+            h = jnp.einsum("...i,ri->...r", x_bti, a[0])
+            y = jnp.einsum("...r,or->...o", h, b[0])
         else:
-            t = x_bti.shape[-2]
-            h = _step_matmul(x_bti, _per_step(a, steps, t))
-            y = _step_matmul(h, _per_step(b, steps, t))
+            h = _step_matmul(x_bti, self._sets(a, steps, x_bti, time_major), time_major)
+            y = _step_matmul(h, self._sets(b, steps, x_bti, time_major), time_major)
         return (self.lora_scaling * y).astype(x_bti.dtype)
 
 
-def _step_matmul(x_bti: jax.Array, w_toi: jax.Array) -> jax.Array:
-    """y[..., t, :] = x[..., t, :] @ w[t].T: [..., T, in] x [T, out, in] -> [..., T, out].
+def _step_matmul(x_bti: jax.Array, w_toi: jax.Array, time_major: bool = False) -> jax.Array:
+    """y[..., t, :] = x[..., t, :] @ w[t].T: [..., T, in] x [T, out, in] -> [..., T, out]
+    (with `time_major`: [T, ..., in] -> [T, ..., out]).
 
     With T > 1 the product runs step-major ([T, ..., in], T the dot's leading batch axis): the
     forward and backward dots XLA emits that way are faster than with T in second-to-last
     place. One position (a streaming step) keeps the plain form."""
+    if time_major:
+        return jnp.einsum("t...i,toi->t...o", x_bti, w_toi)
     if x_bti.shape[-2] == 1:
         return jnp.einsum("...ti,toi->...to", x_bti, w_toi)
     y = jnp.einsum("t...i,toi->t...o", jnp.moveaxis(x_bti, -2, 0), w_toi)
@@ -132,10 +142,12 @@ class GatedMlp(nnx.Module):
         self.linear_in = StepLinear(dim, 2 * hidden, axes=("embed", "mlp"), **kw)
         self.linear_out = StepLinear(hidden, dim, axes=("mlp", "embed"), **kw)
 
-    def __call__(self, x_btd: jax.Array, steps: Steps = None) -> jax.Array:
-        ab = self.linear_in(x_btd, steps)
+    def __call__(
+        self, x_btd: jax.Array, steps: Steps = None, *, time_major: bool = False
+    ) -> jax.Array:
+        ab = self.linear_in(x_btd, steps, time_major=time_major)
         a, b = ab[..., : self.hidden], ab[..., self.hidden :]
-        return self.linear_out(jax.nn.silu(a) * b, steps)
+        return self.linear_out(jax.nn.silu(a) * b, steps, time_major=time_major)
 
 
 def attend(
@@ -180,10 +192,14 @@ class Attention(nnx.Module):
         self.in_proj = StepLinear(dim, qkv, axes=("embed", "qkv"), **kw)
         self.out_proj = StepLinear(dim, dim, axes=("qkv", "embed"), **kw)
 
-    def _qkv(self, x_btd: jax.Array, pos_bt: jax.Array, steps: Steps) -> tuple[jax.Array, ...]:
-        b, t, _ = x_btd.shape
+    def _qkv(
+        self, x_btd: jax.Array, pos_bt: jax.Array, steps: Steps, time_major: bool = False
+    ) -> tuple[jax.Array, ...]:
         h, g, d = self.num_heads, self.kv_heads, self.head_dim
-        proj = self.in_proj(x_btd, steps)
+        proj = self.in_proj(x_btd, steps, time_major=time_major)
+        if time_major:
+            proj = jnp.swapaxes(proj, 0, 1)
+        b, t, _ = proj.shape
         q = proj[..., : h * d].reshape(b, t, h, d)
         k = proj[..., h * d : (h + g) * d].reshape(b, t, g, d)
         v = proj[..., (h + g) * d :].reshape(b, t, g, d)
@@ -191,10 +207,16 @@ class Attention(nnx.Module):
             q, k = apply_rope(q, k, pos_bt, self.max_period)
         return q, k, v
 
-    def __call__(self, x_btd: jax.Array, pos_bt: jax.Array, steps: Steps = None) -> jax.Array:
-        q, k, v = self._qkv(x_btd, pos_bt, steps)
+    def __call__(
+        self, x_btd: jax.Array, pos_bt: jax.Array, steps: Steps = None, time_major: bool = False
+    ) -> jax.Array:
+        """x [B, T, D] (with `time_major` [T, B, D]: the projections run step-major, the
+        attention itself batch-major) and positions [B, T] -> the same layout as x."""
+        q, k, v = self._qkv(x_btd, pos_bt, steps, time_major)
         out = attend(q, k, v, causal_mask(pos_bt, pos_bt, self.context))
-        return self.out_proj(out, steps)
+        if time_major:
+            out = jnp.swapaxes(out, 0, 1)
+        return self.out_proj(out, steps, time_major=time_major)
 
     def init_state(self, batch: int, capacity: int, dtype: Any) -> State:
         """Ring of `capacity` keys/values [B, capacity, G, D]; `pos` -1 marks an empty slot."""
@@ -249,11 +271,15 @@ class Layer(nnx.Module):
         self.norm2 = RMSNorm(dim, eps=norm_eps, param_dtype=param_dtype)
         self.gating = GatedMlp(dim, hidden, **kw)
 
-    def __call__(self, x_btd: jax.Array, pos_bt: jax.Array, steps: Steps = None) -> jax.Array:
-        x_btd = constrain(x_btd, ACTIVATION_AXES)  # the scanned carry: batch-sharded on a mesh
-        x_btd = x_btd + self.self_attn(self.norm1(x_btd), pos_bt, steps)
-        x_btd = x_btd + self.gating(self.norm2(x_btd), steps)
-        return constrain(x_btd, ACTIVATION_AXES)
+    def __call__(
+        self, x_btd: jax.Array, pos_bt: jax.Array, steps: Steps = None, time_major: bool = False
+    ) -> jax.Array:
+        """x [B, T, D], or [T, B, D] with `time_major` (see Attention); positions [B, T]."""
+        axes = TIME_MAJOR_AXES if time_major else ACTIVATION_AXES
+        x_btd = constrain(x_btd, axes)  # the scanned carry: batch-sharded on a mesh
+        x_btd = x_btd + self.self_attn(self.norm1(x_btd), pos_bt, steps, time_major)
+        x_btd = x_btd + self.gating(self.norm2(x_btd), steps, time_major=time_major)
+        return constrain(x_btd, axes)
 
     def step(
         self, state: State, x_btd: jax.Array, pos_bt: jax.Array, steps: Steps = None
@@ -299,9 +325,13 @@ class LayerStack(nnx.Module):
 
         self.layers = make(rngs)
 
-    def __call__(self, x_btd: jax.Array, pos_bt: jax.Array, steps: Steps = None) -> jax.Array:
+    def __call__(
+        self, x_btd: jax.Array, pos_bt: jax.Array, steps: Steps = None, time_major: bool = False
+    ) -> jax.Array:
+        """x [B, T, D] (or [T, B, D], see Layer) through the layers."""
+
         def body(layer: Layer, x: jax.Array) -> jax.Array:
-            return layer(x, pos_bt, steps)
+            return layer(x, pos_bt, steps, time_major)
 
         if self.remat != "none":
             body = nnx.remat(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)

@@ -136,13 +136,15 @@ class MoshiDepth(nnx.Module):
         b, t, _ = h_btd.shape
         k = self.cfg.dep_q
         steps = tuple(range(k))
-        proj = jnp.einsum("btd,kod->btko", h_btd, self.depformer_in.kernel[...].astype(h_btd.dtype))
+        kernel = self.depformer_in.kernel[...].astype(h_btd.dtype)
+        proj = jnp.einsum("btd,kod->kbto", h_btd, kernel)
         emb = jnp.stack(
-            [self._token_emb(i, tokens_bst[:, i], h_btd.dtype) for i in range(k)], axis=2
+            [self._token_emb(i, tokens_bst[:, i], h_btd.dtype) for i in range(k)], axis=0
         )
-        x = constrain((proj + emb).reshape(b * t, k, -1), DEPTH_AXES)
+        # step-major [K, B * T, D']: every linear has per-step weights (see LayerStack)
+        x = constrain((proj + emb).reshape(k, b * t, -1), HEAD_AXES)
         pos = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b * t, k))
-        y = constrain(jnp.moveaxis(self.transformer(x, pos, steps), 1, 0), HEAD_AXES)
+        y = constrain(self.transformer(x, pos, steps, time_major=True), HEAD_AXES)
         return (Heads(y, self.linears.weights(y.dtype)),)
 
     def init_state(self, batch: int, dtype: Any) -> State:
