@@ -118,8 +118,7 @@ def _step_matmul(x_bti: jax.Array, w_toi: jax.Array, time_major: bool = False) -
         return jnp.einsum("t...i,toi->t...o", x_bti, w_toi)
     if x_bti.shape[-2] == 1:
         return jnp.einsum("...ti,toi->...to", x_bti, w_toi)
-    y = jnp.einsum("t...i,toi->t...o", jnp.moveaxis(x_bti, -2, 0), w_toi)
-    return jnp.moveaxis(y, 0, -2)
+    return jnp.moveaxis(_step_matmul(jnp.moveaxis(x_bti, -2, 0), w_toi, True), 0, -2)
 
 
 def _per_step(w: jax.Array, steps: tuple[int, ...], t: int) -> jax.Array:

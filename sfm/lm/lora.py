@@ -99,12 +99,7 @@ def merge_lora(model: nnx.Module) -> int:
     for _, linear in list(nnx.iter_graph(model)):
         if not isinstance(linear, StepLinear) or linear.lora_a is None:
             continue
-        assert linear.lora_b is not None
-        a = linear.lora_a[...].astype(jnp.float32)
-        b = linear.lora_b[...].astype(jnp.float32)
-        delta = linear.lora_scaling * jnp.einsum("...or,...ri->...oi", b, a)
-        kernel = linear.kernel[...]
-        linear.kernel[...] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+        linear.kernel[...] = linear.weights(jnp.float32).astype(linear.kernel.dtype)
         linear.lora_a = linear.lora_b = None
         linear.lora_scaling = 1.0
         merged += 1
