@@ -1,7 +1,7 @@
 """The training loss without materialised logits equals the loss of the logits.
 
 `head_cross_entropy` against cross-entropy on explicit logits (values, metrics, gradients for
-inputs, kernels and weights), and `lm_loss_fn` (heads) against `lm_loss` (logits of the
+inputs, kernels and weights), and `heads_loss` against `lm_loss` (logits of the
 forward pass) for the Moshi depformer, the CSM decoder with amortization and LoRA on heads.
 """
 
@@ -17,10 +17,11 @@ from flax import nnx
 
 from sfm.config import load_config
 from sfm.data.layout import INITIAL
+from sfm.lm import loss as lm_losses
 from sfm.lm.config import LMConfig
 from sfm.lm.head_loss import head_cross_entropy
 from sfm.lm.lora import apply_lora
-from sfm.lm.loss import cross_entropy, lm_loss, lm_loss_fn
+from sfm.lm.loss import cross_entropy, lm_loss
 from sfm.lm.model import LM
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "lm"
@@ -110,7 +111,7 @@ def batch_for(cfg: LMConfig, seed: int) -> dict[str, jax.Array]:
 
 
 def both_losses(model: LM, batch: dict[str, jax.Array], rng: jax.Array | None) -> tuple:
-    """(loss, metrics, grads) of lm_loss_fn and of lm_loss on the logits, same rng."""
+    """(loss, metrics, grads) of heads_loss and of lm_loss on the logits, same rng."""
     graphdef, params = nnx.split(model)
 
     def via_logits(p: nnx.State) -> tuple:
@@ -118,7 +119,9 @@ def both_losses(model: LM, batch: dict[str, jax.Array], rng: jax.Array | None) -
         return lm_loss(m(batch["tokens"], rng=rng), batch["tokens"], batch["mask"], m.cfg)
 
     def via_heads(p: nnx.State) -> tuple:
-        return lm_loss_fn(nnx.merge(graphdef, p), batch, rng)
+        m = nnx.merge(graphdef, p)
+        heads = m.head_inputs(batch["tokens"], rng=rng)
+        return lm_losses.heads_loss(heads, batch["tokens"], batch["mask"], m.cfg)
 
     grad = lambda f: jax.jit(jax.value_and_grad(f, has_aux=True))
     return grad(via_heads)(params), grad(via_logits)(params)
