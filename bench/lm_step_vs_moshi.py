@@ -268,6 +268,13 @@ def table(stream: dict[str, dict[str, float]], train: dict[str, dict[str, float]
     return "\n".join(lines)
 
 
+def _layout(cfg: LMConfig) -> str:
+    t, d = cfg.temporal, cfg.depth
+    if not (t.scan_layers or d.scan_layers):
+        return "per-layer parameters (no layer scan)"
+    return f"stacked layers, scan unroll temporal {t.scan_unroll} / depth {d.scan_unroll}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=100, help="timed streaming frames")
@@ -282,10 +289,16 @@ def main() -> None:
         "--remat", default="none", choices=("none", "full", "dots"), help="sfm rematerialisation"
     )
     parser.add_argument(
+        "--layers",
+        default="per-layer",
+        choices=("per-layer", "stacked"),
+        help="sfm parameter layout (lm.{temporal,depth}.scan_layers false / true)",
+    )
+    parser.add_argument(
         "--scan-unroll",
         default="all",
         choices=("none", "depth", "all"),
-        help="sfm layer scans to unroll in training (lm.{temporal,depth}.scan_unroll)",
+        help="with --layers stacked: layer scans to unroll in training (lm.*.scan_unroll)",
     )
     parser.add_argument("--dim", type=int, default=SEVEN_B_SHAPED["dim"])
     parser.add_argument("--num-heads", type=int, default=SEVEN_B_SHAPED["num_heads"])
@@ -307,10 +320,15 @@ def main() -> None:
     kwargs = moshi_kwargs(args)
     tm = build_moshi_lm(kwargs)
     cfg = lm_config_from_moshi(kwargs)
-    temporal = dataclasses.replace(
-        cfg.temporal, remat=args.remat, scan_unroll=args.scan_unroll == "all"
-    )
-    depth = dataclasses.replace(cfg.depth, scan_unroll=args.scan_unroll != "none")
+    if args.layers == "per-layer":
+        layout: dict[str, Any] = {"scan_layers": False, "scan_unroll": False}
+        temporal = dataclasses.replace(cfg.temporal, remat=args.remat, **layout)
+        depth = dataclasses.replace(cfg.depth, **layout)
+    else:
+        temporal = dataclasses.replace(
+            cfg.temporal, remat=args.remat, scan_unroll=args.scan_unroll == "all"
+        )
+        depth = dataclasses.replace(cfg.depth, scan_unroll=args.scan_unroll != "none")
     cfg = dataclasses.replace(cfg, temporal=temporal, depth=depth)
     model = import_moshi_lm(numpy_state_dict(tm), cfg=cfg)
 
@@ -337,8 +355,7 @@ def main() -> None:
     )
     print(
         f"Training: batch {args.train_batch} x {args.train_frames} frames, median of "
-        f"{args.rounds} x {args.iters} iterations, sfm remat {args.remat!r}, scan unroll temporal "
-        f"{model.transformer.scan_unroll} / depth {model.depth.transformer.scan_unroll}; "
+        f"{args.rounds} x {args.iters} iterations, sfm remat {args.remat!r}, {_layout(cfg)}; "
         f"losses moshi {train['torch']['loss']:.4f}, sfm {train['sfm']['loss']:.4f}."
     )
     print()

@@ -14,6 +14,7 @@ Configs:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from functools import cached_property, partial
@@ -52,6 +53,7 @@ from sfm.interop.moshi_lm import (  # noqa: E402
     torch_to_sfm,
 )
 from sfm.lm.config import LMConfig  # noqa: E402
+from sfm.lm.loss import lm_loss_fn  # noqa: E402
 from sfm.lm.model import param_count  # noqa: E402
 from sfm.lm.streams import delay  # noqa: E402
 
@@ -188,6 +190,64 @@ def test_export_loads_strictly_into_moshi(pair: Pair, tmp_path: Path, fused: boo
     assert list(state) == list(pair.state_dict)
     for key, value in state.items():
         np.testing.assert_array_equal(value.numpy(), pair.state_dict[key], err_msg=key)
+
+
+# ---- per-layer parameters (lm.{temporal,depth}.scan_layers false) -----------------------------
+
+
+def _per_layer(cfg: LMConfig) -> LMConfig:
+    loop = {"scan_layers": False}
+    return dataclasses.replace(
+        cfg,
+        temporal=dataclasses.replace(cfg.temporal, **loop),
+        depth=dataclasses.replace(cfg.depth, **loop),
+    )
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _loss_grads(graphdef: Any, params: Any, tokens: jax.Array, mask: jax.Array) -> Any:
+    def loss(p: Any) -> jax.Array:
+        return lm_loss_fn(nnx.merge(graphdef, p), {"tokens": tokens, "mask": mask})[0]
+
+    return jax.value_and_grad(loss)(params)
+
+
+def test_per_layer_parameters_match_moshi_and_the_stacked_layout(pairs: PairCache) -> None:
+    """The same checkpoint imported with one parameter set per layer: moshi's weights back
+    unchanged, the same logits, and the training loss's gradients equal to the stacked
+    layout's, tensor by tensor (both mapped onto moshi's keys)."""
+    pair = pairs["7b_shaped"]
+    cfg = _per_layer(pair.cfg)
+    model = import_moshi_lm(pair.checkpoint, cfg=cfg)
+    paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    assert "transformer/layers/3/self_attn/in_proj/kernel" in paths
+    assert "depth/transformer/layers/1/gating/linear_out/kernel" in paths
+    back = sfm_to_torch(model, cfg)
+    assert list(back) == list(pair.state_dict)
+    for key, ref in pair.state_dict.items():
+        np.testing.assert_array_equal(back[key], ref, err_msg=key)
+
+    tokens = delay(jnp.asarray(pair.codes, jnp.int32), cfg.delays)
+    text, audio = (np.asarray(x) for x in _forward(*nnx.split(model), tokens))
+    mask = pair.torch_out.text_mask[:, 0].numpy()
+    assert _max_diff(text[mask], pair.torch_out.text_logits[:, 0].numpy()[mask]) < LOGIT_TOL
+    np.testing.assert_allclose(text, pair.sfm_out[0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(audio, pair.sfm_out[1], rtol=0, atol=1e-5)
+
+    loss_mask = np.asarray(tokens) >= 0
+    loss_mask[:, 1 + cfg.n_q :] = False
+    grads = {}
+    for name, m in (("stacked", pair.model), ("per_layer", model)):
+        graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+        assert not jax.tree.leaves(rest)
+        loss, g = _loss_grads(graphdef, params, tokens, jnp.asarray(loss_mask))
+        grads[name] = (float(loss), sfm_to_torch(g, m.cfg))
+    assert grads["per_layer"][0] == pytest.approx(grads["stacked"][0], rel=1e-6)
+    for key, ref in grads["stacked"][1].items():
+        assert np.abs(ref).max() > 0, key  # every tensor gets a gradient
+        np.testing.assert_allclose(
+            grads["per_layer"][1][key], ref, rtol=1e-4, atol=1e-7, err_msg=key
+        )
 
 
 def test_kwargs_round_trip(pair: Pair) -> None:

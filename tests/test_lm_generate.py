@@ -1,8 +1,9 @@
-"""Streaming generation: equal to the offline LM (both depth kinds), deterministic,
-per-session, resettable, one compile per step function."""
+"""Streaming generation: equal to the offline LM (both depth kinds, stacked and per-layer
+parameters), deterministic, per-session, resettable, one compile per step function."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,7 +33,19 @@ GREEDY = SamplingConfig(greedy=True)
 SAMPLED = SamplingConfig()
 
 
+PER_LAYER = "moshi_per_layer"  # the moshi kind with lm.{temporal,depth}.scan_layers false
+KINDS = [*DEPTHS, PER_LAYER]
+
+
 def _cfg(kind: str) -> LMConfig:
+    if kind == PER_LAYER:
+        cfg = _cfg("moshi")
+        loop = {"scan_layers": False}
+        return dataclasses.replace(
+            cfg,
+            temporal=dataclasses.replace(cfg.temporal, **loop),
+            depth=dataclasses.replace(cfg.depth, **loop),
+        )
     return LMConfig(
         text_card=50, card=32, n_q=4, dep_q=4, delays=moshi_delays(4), temporal=TEMPORAL,
         depth=DEPTHS[kind],
@@ -41,7 +54,7 @@ def _cfg(kind: str) -> LMConfig:
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, LM]:
-    return {kind: LM(_cfg(kind), rngs=nnx.Rngs(0)) for kind in DEPTHS}
+    return {kind: LM(_cfg(kind), rngs=nnx.Rngs(0)) for kind in KINDS}
 
 
 def _user(batch: int, frames: int, seed: int = 0) -> np.ndarray:
@@ -73,7 +86,7 @@ def greedy_runs(models: dict[str, LM]) -> dict[str, tuple[np.ndarray, np.ndarray
     return runs
 
 
-@pytest.mark.parametrize("kind", list(DEPTHS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_streaming_matches_offline(kind: str, models: dict[str, LM], greedy_runs: dict) -> None:
     """Greedy tokens are the argmax of the teacher-forced logits on the same sequence."""
     model, cfg = models[kind], models[kind].cfg
@@ -112,9 +125,9 @@ def test_generate_and_run_match_steps(models: dict[str, LM], greedy_runs: dict) 
     np.testing.assert_array_equal(ref[:, :, : frames - 1], out[:, :, : frames - 1])
 
 
-@pytest.fixture(scope="module")
-def sampled(models: dict[str, LM]) -> Generator:
-    return Generator(models["moshi"], SAMPLED)
+@pytest.fixture(scope="module", params=["moshi", PER_LAYER])
+def sampled(request: pytest.FixtureRequest, models: dict[str, LM]) -> Generator:
+    return Generator(models[request.param], SAMPLED)
 
 
 def test_deterministic_given_key(sampled: Generator) -> None:

@@ -252,32 +252,35 @@ def moshi_lm_kwargs(cfg: LMConfig) -> dict[str, Any]:
 # ---- key map -----------------------------------------------------------------------------------
 
 
-def _layers(prefix: str, path: str, num_layers: int, steps: int) -> Iterator[Entry]:
-    attn, mlp, norm = f"{path}/layers/self_attn", f"{path}/layers/gating", f"{path}/layers"
+def _layers(prefix: str, path: str, num_layers: int, steps: int, stacked: bool) -> Iterator[Entry]:
+    """Stacked layers (`scan_layers`) hold layer n at slot n of `{path}/layers/...`, the
+    others under `{path}/layers/{n}/...`."""
     gating = "gating" if steps == 1 else "gating.{s}"
     for n in range(num_layers):
         t = f"{prefix}.layers.{n}"
+        layer, lead = (f"{path}/layers", (n,)) if stacked else (f"{path}/layers/{n}", ())
+        attn, mlp = f"{layer}/self_attn", f"{layer}/gating"
         for proj in ("out", "in"):
             for s in range(steps):
                 key = f"{t}.self_attn.{proj}_projs.{s}.weight"
-                yield key, f"{attn}/{proj}_proj/kernel", (n, s), False
-        yield f"{t}.norm1.alpha", f"{norm}/norm1/alpha", (n,), True
-        yield f"{t}.norm2.alpha", f"{norm}/norm2/alpha", (n,), True
+                yield key, f"{attn}/{proj}_proj/kernel", (*lead, s), False
+        yield f"{t}.norm1.alpha", f"{layer}/norm1/alpha", lead, True
+        yield f"{t}.norm2.alpha", f"{layer}/norm2/alpha", lead, True
         for s in range(steps):
             g = gating.format(s=s)
-            yield f"{t}.{g}.linear_in.weight", f"{mlp}/linear_in/kernel", (n, s), False
-            yield f"{t}.{g}.linear_out.weight", f"{mlp}/linear_out/kernel", (n, s), False
+            yield f"{t}.{g}.linear_in.weight", f"{mlp}/linear_in/kernel", (*lead, s), False
+            yield f"{t}.{g}.linear_out.weight", f"{mlp}/linear_out/kernel", (*lead, s), False
 
 
 def key_map(cfg: LMConfig) -> list[Entry]:
     """Every (Kyutai key, sfm path, slot in the sfm array, is_norm) of an LM with this config,
     in the order of moshi's `LMModel.state_dict()`."""
-    k = cfg.dep_q
+    k, t, d = cfg.dep_q, cfg.temporal, cfg.depth
     return [
         *((f"emb.{i}.weight", f"emb/{i}/embedding", (), False) for i in range(cfg.n_audio)),
         ("text_emb.weight", "text_emb/embedding", (), False),
         ("text_linear.weight", "text_linear/kernel", (0,), False),
-        *_layers("transformer", "transformer", cfg.temporal.num_layers, 1),
+        *_layers("transformer", "transformer", t.num_layers, 1, t.scan_layers),
         ("out_norm.alpha", "out_norm/alpha", (), True),
         *((f"depformer_in.{i}.weight", "depth/depformer_in/kernel", (i,), False) for i in range(k)),
         *(
@@ -285,7 +288,7 @@ def key_map(cfg: LMConfig) -> list[Entry]:
             for i in range(k - 1)
         ),
         ("depformer_text_emb.weight", "depth/text_emb/embedding", (), False),
-        *_layers("depformer", "depth/transformer", cfg.depth.num_layers, k),
+        *_layers("depformer", "depth/transformer", d.num_layers, k, d.scan_layers),
         *((f"linears.{i}.weight", "depth/linears/kernel", (i,), False) for i in range(k)),
     ]
 

@@ -28,6 +28,9 @@ class TemporalConfig:
     remat: Literal["none", "full", "dots"] = "full"
     # Layers per iteration of the layer scan in the teacher-forced pass (True: all, unrolled).
     scan_unroll: bool | int = False
+    # False: one parameter set per layer and a Python loop instead of stacked parameters and
+    # a scan (sfm.lm.layers.LayerStack; a different checkpoint layout).
+    scan_layers: bool = True
 
     @property
     def hidden(self) -> int:
@@ -59,6 +62,9 @@ class DepthConfig:
     amortize_every: int = 1  # train the decoder on 1/N of the frames ("csm")
     # Layers per iteration of the layer scan in the teacher-forced pass (True: all, unrolled).
     scan_unroll: bool | int = False
+    # False: one parameter set per layer and a Python loop instead of stacked parameters and
+    # a scan (sfm.lm.layers.LayerStack; a different checkpoint layout).
+    scan_layers: bool = True
 
     @property
     def hidden(self) -> int:
@@ -119,6 +125,11 @@ class LMConfig:
             if not isinstance(t.scan_unroll, bool) and t.scan_unroll < 1:
                 raise ValueError(
                     f"lm.{name}.scan_unroll: must be true, false or >= 1, got {t.scan_unroll}"
+                )
+            if not t.scan_layers and t.scan_unroll is not False:
+                raise ValueError(
+                    f"lm.{name}.scan_unroll: unrolls the layer scan; lm.{name}.scan_layers is "
+                    "false (no scan)"
                 )
         if self.depth.kind == "csm" and self.dep_q < 2:
             raise ValueError("lm.dep_q: the csm depth decoder needs at least 2 codebooks")

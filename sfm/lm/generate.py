@@ -42,8 +42,9 @@ class SamplingConfig:
 
 
 class GenState(NamedTuple):
-    """Per-session generation state; every leaf has the batch on axis 0 except the temporal
-    KV rings (`lm["transformer"]`, [layers, B, ...])."""
+    """Per-session generation state; every leaf has the batch on axis 0 except the stacked
+    temporal KV rings (`lm["transformer"]`, [layers, B, ...] unless lm.temporal.scan_layers
+    is false: then a list of [B, ...] rings)."""
 
     lm: dict[str, Any]  # LM.init_state: offsets [B] and the temporal KV rings
     cache: jax.Array  # [B, S, max_delay + 2] ring of delayed tokens
@@ -137,7 +138,8 @@ def reset_state(
     """Restart the sessions where `mask_b` is true, with keys `keys_b` (default: their own);
     the others are untouched."""
     keys_b = state.keys if keys_b is None else keys_b
-    b, capacity = mask_b.shape[0], state.lm["transformer"]["pos"].shape[2]
+    layers = model.transformer
+    b, capacity = mask_b.shape[0], layers.cache_capacity(state.lm["transformer"])
     fresh = init_state(model, keys_b, capacity)
 
     def pick(axis: int) -> Any:
@@ -150,7 +152,9 @@ def reset_state(
 
     lm = {
         "offset": pick(0)(state.lm["offset"], fresh.lm["offset"]),
-        "transformer": jax.tree.map(pick(1), state.lm["transformer"], fresh.lm["transformer"]),
+        "transformer": jax.tree.map(
+            pick(layers.cache_batch_axis), state.lm["transformer"], fresh.lm["transformer"]
+        ),
     }
     return GenState(lm, pick(0)(state.cache, fresh.cache), pick(0)(state.keys, keys_b))
 

@@ -23,6 +23,7 @@ from sfm.parallel.rules import constrain
 
 Steps = tuple[int, ...] | None
 State = dict[str, Any]
+LayerCache = State | list[State]  # LayerStack: stacked rings, or one per layer
 # Logical axes of a [B, T, D] activation (see sfm.parallel.rules.constrain).
 ACTIVATION_AXES = ("batch", "time", "embed")
 TIME_MAJOR_AXES = ("time", "batch", "embed")
@@ -295,11 +296,18 @@ REMAT_POLICIES = {
 
 
 class LayerStack(nnx.Module):
-    """`num_layers` identical layers with stacked parameters ("layers" axis), run by scan.
+    """`num_layers` identical layers.
 
-    `scan_unroll` is the `unroll` of the scan in `__call__` (the teacher-forced pass): layers
-    per loop iteration, True for all, False for 1. `step` always runs a rolled loop: unrolled,
-    the per-layer cache slices and their write-back into the stacked cache cost more."""
+    With `scan_layers` (the default) their parameters are stacked on a leading "layers" axis
+    and a scan runs them: one layer to compile, whatever the depth. `scan_unroll` is the
+    `unroll` of that scan in `__call__` (the teacher-forced pass): layers per loop iteration,
+    True for all, False for 1. `step` always runs a rolled loop: unrolled, the per-layer cache
+    slices and their write-back into the stacked cache cost more.
+
+    Without `scan_layers` every layer holds its own parameters (`layers[i]`) and a Python loop
+    runs them: no per-layer slices of stacked weights on the forward pass and no stacking of
+    per-layer gradients on the backward pass (on CPU a few percent of a small model's step),
+    at the price of compiling every layer. The two layouts have different parameter paths."""
 
     def __init__(
         self,
@@ -307,10 +315,15 @@ class LayerStack(nnx.Module):
         *,
         remat: str = "none",
         scan_unroll: bool | int = False,
+        scan_layers: bool = True,
         rngs: nnx.Rngs,
         **layer_kw: Any,
     ) -> None:
         self.num_layers, self.remat, self.scan_unroll = num_layers, remat, scan_unroll
+        self.scan_layers = scan_layers
+        if not scan_layers:
+            self.layers = nnx.List([Layer(rngs=rngs, **layer_kw) for _ in range(num_layers)])
+            return
 
         @nnx.split_rngs(splits=num_layers)
         @nnx.vmap(
@@ -334,17 +347,40 @@ class LayerStack(nnx.Module):
 
         if self.remat != "none":
             body = nnx.remat(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        if not self.scan_layers:
+            for layer in self.layers:
+                x_btd = body(layer, x_btd)
+            return x_btd
         scan = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry, unroll=self.scan_unroll)
         return scan(self.layers, x_btd)
 
-    def init_state(self, batch: int, capacity: int, dtype: Any) -> State:
-        """Per-layer KV rings stacked on a leading layer axis."""
+    @property
+    def cache_batch_axis(self) -> int:
+        """The batch axis of every array of `init_state`'s cache."""
+        return 1 if self.scan_layers else 0
+
+    def cache_capacity(self, state: LayerCache) -> int:
+        """The ring size of a cache made by `init_state`."""
+        return (state if self.scan_layers else state[0])["pos"].shape[-1]
+
+    def init_state(self, batch: int, capacity: int, dtype: Any) -> LayerCache:
+        """Per-layer KV rings: stacked on a leading layer axis with `scan_layers`, else a
+        list with one ring per layer."""
+        if not self.scan_layers:
+            return [layer.self_attn.init_state(batch, capacity, dtype) for layer in self.layers]
         one = self.layers.self_attn.init_state(batch, capacity, dtype)
         return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_layers, *a.shape)), one)
 
     def step(
-        self, state: State, x_btd: jax.Array, pos_bt: jax.Array, steps: Steps = None
-    ) -> tuple[State, jax.Array]:
+        self, state: LayerCache, x_btd: jax.Array, pos_bt: jax.Array, steps: Steps = None
+    ) -> tuple[LayerCache, jax.Array]:
+        if not self.scan_layers:
+            caches = []
+            for layer, cache in zip(self.layers, state, strict=True):
+                cache, x_btd = layer.step(cache, x_btd, pos_bt, steps)
+                caches.append(cache)
+            return caches, x_btd
+
         def body(layer: Layer, x: jax.Array, cache: State) -> tuple[jax.Array, State]:
             cache, x = layer.step(cache, x, pos_bt, steps)
             return x, cache

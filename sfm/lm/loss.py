@@ -176,11 +176,11 @@ def heads_loss(
 def lm_loss_fn(
     model: nnx.Module, batch: dict[str, Any], rng: jax.Array | None = None
 ) -> tuple[jax.Array, Metrics]:
-    """The training loss: forward pass on batch["tokens"] and `lm_loss` against batch["mask"]
-    (for nnx.grad). `heads_loss` gives the same without logits; it is not the default while
-    multi-device CPU runs with it abort now and then (under investigation)."""
+    """The training loss: forward pass on batch["tokens"] up to the heads and `heads_loss`
+    against batch["mask"] (for nnx.grad)."""
     tokens = jnp.asarray(batch["tokens"])
-    return lm_loss(model(tokens, rng=rng), tokens, jnp.asarray(batch["mask"]), model.cfg)
+    heads = model.head_inputs(tokens, rng=rng)
+    return heads_loss(heads, tokens, jnp.asarray(batch["mask"]), model.cfg)
 
 
 __all__ = ["cross_entropy", "heads_loss", "lm_loss", "lm_loss_fn"]

@@ -118,6 +118,7 @@ class MoshiDepth(nnx.Module):
             d.num_layers,
             remat=cfg.temporal.remat,
             scan_unroll=d.scan_unroll,
+            scan_layers=d.scan_layers,
             n_weights=k,
             rngs=rngs,
             **_layer_kw(d, None, d.max_period, cfg),
@@ -178,6 +179,7 @@ class CsmDepth(nnx.Module):
             d.num_layers,
             remat=cfg.temporal.remat,
             scan_unroll=d.scan_unroll,
+            scan_layers=d.scan_layers,
             rngs=rngs,
             **_layer_kw(d, None, d.max_period, cfg),
         )
@@ -252,6 +254,7 @@ class LM(nnx.Module):
             t.num_layers,
             remat=t.remat,
             scan_unroll=t.scan_unroll,
+            scan_layers=t.scan_layers,
             rngs=rngs,
             **_layer_kw(t, t.context, t.max_period, cfg),
         )
