@@ -1,14 +1,21 @@
-"""Host memory for XLA:CPU: keep freed memory in the process for the next step to reuse.
+"""Host settings for XLA:CPU: freed memory kept for reuse, worker threads for simulated meshes.
 
-XLA:CPU allocates the temporaries of an executable afresh at every call (one block, ~130 MiB
-for a small LM's training step). glibc serves a block that large with mmap and hands it back
-with munmap, so every step page-faults all of it in again: about 2 us per 4 KiB page on a
-virtual machine, tens of milliseconds a step. With one malloc arena (XLA's worker threads
+Memory. XLA:CPU allocates the temporaries of an executable afresh at every call (one block,
+~130 MiB for a small LM's training step). glibc serves a block that large with mmap and hands
+it back with munmap, so every step page-faults all of it in again: about 2 us per 4 KiB page
+on a virtual machine, tens of milliseconds a step. With one malloc arena (XLA's worker threads
 otherwise get arenas of their own, which always mmap large blocks), no mmap for large blocks
-and no trimming, the freed block stays in the heap and the next step reuses it.
+and no trimming, the freed block stays in the heap and the next step reuses it. The cost:
+freed memory is not returned to the system while the process runs, so the resident size stays
+at its peak. `sfm` applies this on CPU-only runs unless SFM_HOST_MEMORY=system.
 
-The cost: freed memory is not returned to the system while the process runs, so the resident
-size stays at its peak. `sfm` applies this on CPU-only runs unless SFM_HOST_MEMORY=system.
+Threads. A simulated mesh (--xla_force_host_platform_device_count=N) runs its devices'
+programs and their in-process collectives on one pool of worker threads, N of them by default.
+A collective holds its thread until every device has joined it. When the devices start two
+independent collectives in different orders, all N threads can end up waiting in collectives
+whose missing participant has no thread left to run on; XLA aborts the process after 40 s
+("Termination timeout ... rendezvous"). `sfm` sizes the pool at 4 threads per simulated device
+(NPROC, which XLA reads when it creates the CPU client) unless NPROC is set.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import re
 
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -24,6 +32,9 @@ _M_ARENA_MAX = -8
 _NEVER_TRIM = 2**31 - 1  # the largest int mallopt takes: 2 GiB of free heap top
 
 _retained = False
+THREADS_PER_SIMULATED_DEVICE = 4
+_NPROC_MARK = "SFM_SET_NPROC"  # the NPROC value sfm set, so that child processes redo it
+_DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
 
 
 def retained() -> bool:
@@ -48,12 +59,48 @@ def retain_freed_memory() -> bool:
     return _retained
 
 
+def simulated_devices() -> int:
+    """CPU devices jax will create: JAX_NUM_CPU_DEVICES, else the XLA_FLAGS device count."""
+    if os.environ.get("JAX_NUM_CPU_DEVICES"):
+        return int(os.environ["JAX_NUM_CPU_DEVICES"])
+    found = _DEVICE_COUNT_FLAG.findall(os.environ.get("XLA_FLAGS", ""))
+    return int(found[-1]) if found else 1
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the platform has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def widen_collective_thread_pool() -> int | None:
+    """Set NPROC for a simulated mesh as described above; returns the value set, or None
+    (one device, or an NPROC of the user's). Call it before jax creates its CPU client.
+
+    A child process inherits the NPROC set here; it is recomputed for the child's own device
+    count (and dropped for one device), while an NPROC set by the user is left alone."""
+    ours = os.environ.get(_NPROC_MARK)
+    if "NPROC" in os.environ and os.environ["NPROC"] != ours:
+        return None
+    devices = simulated_devices()
+    if devices < 2:
+        if ours is not None:
+            os.environ.pop("NPROC", None)
+            os.environ.pop(_NPROC_MARK)
+        return None
+    threads = str(max(usable_cpus(), THREADS_PER_SIMULATED_DEVICE * devices))
+    os.environ["NPROC"] = os.environ[_NPROC_MARK] = threads
+    return int(threads)
+
+
 def configure_for_cpu() -> bool:
-    """`retain_freed_memory` for a CPU-only jax (JAX_PLATFORMS=cpu) unless
-    SFM_HOST_MEMORY=system; True when applied."""
+    """For a CPU-only jax (JAX_PLATFORMS=cpu): `widen_collective_thread_pool`, and
+    `retain_freed_memory` unless SFM_HOST_MEMORY=system (True when that was applied)."""
     choice = os.environ.get("SFM_HOST_MEMORY", "retain")
     if choice not in ("retain", "system"):
         raise ValueError(f"SFM_HOST_MEMORY must be 'retain' or 'system', got {choice!r}")
-    if choice == "system" or os.environ.get("JAX_PLATFORMS", "") != "cpu":
+    if os.environ.get("JAX_PLATFORMS", "") != "cpu":
         return False
-    return retain_freed_memory()
+    widen_collective_thread_pool()
+    return choice == "retain" and retain_freed_memory()

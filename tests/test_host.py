@@ -10,7 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from sfm.host import configure_for_cpu
+from sfm.host import (
+    configure_for_cpu,
+    simulated_devices,
+    usable_cpus,
+    widen_collective_thread_pool,
+)
 
 BLOCK_MIB = 96  # above glibc's largest mmap threshold (32 MiB): always mmapped by default
 
@@ -71,3 +76,53 @@ def test_configure_for_cpu_follows_the_environment(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("SFM_HOST_MEMORY", "keep")
     with pytest.raises(ValueError, match="SFM_HOST_MEMORY"):
         configure_for_cpu()
+
+
+def test_simulated_devices_and_the_thread_pool_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("NPROC", "SFM_SET_NPROC", "JAX_NUM_CPU_DEVICES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    assert simulated_devices() == 1
+    assert widen_collective_thread_pool() is None and "NPROC" not in os.environ
+    flags = "--xla_force_host_platform_device_count=2 --xla_force_host_platform_device_count=8"
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    assert simulated_devices() == 8
+    assert widen_collective_thread_pool() == max(usable_cpus(), 32)
+    assert os.environ["NPROC"] == str(max(usable_cpus(), 32))
+    monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "16")  # a child process with other devices
+    assert simulated_devices() == 16
+    assert widen_collective_thread_pool() == max(usable_cpus(), 64)
+    monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "1")  # ... or with one: XLA's default again
+    assert widen_collective_thread_pool() is None and "NPROC" not in os.environ
+    monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "8")
+    monkeypatch.setenv("NPROC", "12")  # the user's own setting wins
+    assert widen_collective_thread_pool() is None and os.environ["NPROC"] == "12"
+
+
+# A sharded computation on 8 simulated devices; prints the XLA:CPU worker threads it made.
+POOL_SCRIPT = """
+import collections, os, sys
+if sys.argv[1] == "sfm":
+    import sfm  # noqa: F401
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+x = jax.device_put(jnp.ones((64, 64)), NamedSharding(mesh, P("x")))
+jax.block_until_ready(jax.jit(lambda a: (a @ a.T).sum())(x))
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+print(sum(name.startswith("tf_XLAEigen") for name in names))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc thread names")
+def test_importing_sfm_widens_the_pool_of_a_simulated_mesh() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("NPROC", "SFM_SET_NPROC")}
+    env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+    def workers(mode: str) -> int:
+        cmd = [sys.executable, "-c", POOL_SCRIPT, mode]
+        return int(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout)
+
+    widened = workers("sfm")
+    assert widened == max(usable_cpus(), 32)
+    assert workers("jax") < widened  # XLA's default: one per device (or per CPU)
