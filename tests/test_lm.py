@@ -132,6 +132,7 @@ def test_param_count(name: str) -> None:
         (["lm.temporal.scan_unroll=0"], "lm.temporal.scan_unroll"),
         (["lm.depth.scan_unroll=-2"], "lm.depth.scan_unroll"),
         (["lm.depth.scan_unroll=all"], "lm.depth.scan_unroll"),
+        (["lm.depth.scan_layers=false", "lm.depth.scan_unroll=true"], "lm.depth.scan_unroll"),
         (["lm.temporal.dimm=64"], "lm.temporal.dimm"),
         (["lm.card=many"], "lm.card"),
     ],
@@ -149,6 +150,8 @@ def test_tiny_config() -> None:
     unrolled = tiny("lm.temporal.scan_unroll=true", "lm.depth.scan_unroll=2")
     assert unrolled.temporal.scan_unroll is True and unrolled.depth.scan_unroll == 2
     assert cfg.temporal.scan_unroll is False and cfg.depth.scan_unroll is False
+    per_layer = tiny("lm.temporal.scan_layers=false")
+    assert not per_layer.temporal.scan_layers and cfg.temporal.scan_layers
 
 
 # --- layers -----------------------------------------------------------------------------------
