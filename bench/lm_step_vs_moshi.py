@@ -320,16 +320,12 @@ def main() -> None:
     kwargs = moshi_kwargs(args)
     tm = build_moshi_lm(kwargs)
     cfg = lm_config_from_moshi(kwargs)
-    if args.layers == "per-layer":
-        layout: dict[str, Any] = {"scan_layers": False, "scan_unroll": False}
-        temporal = dataclasses.replace(cfg.temporal, remat=args.remat, **layout)
-        depth = dataclasses.replace(cfg.depth, **layout)
-    else:
-        temporal = dataclasses.replace(
-            cfg.temporal, remat=args.remat, scan_unroll=args.scan_unroll == "all"
-        )
-        depth = dataclasses.replace(cfg.depth, scan_unroll=args.scan_unroll != "none")
+    temporal = dataclasses.replace(
+        cfg.temporal, remat=args.remat, scan_unroll=args.scan_unroll == "all"
+    )
+    depth = dataclasses.replace(cfg.depth, scan_unroll=args.scan_unroll != "none")
     cfg = dataclasses.replace(cfg, temporal=temporal, depth=depth)
+    cfg = cfg.with_scan_layers(args.layers == "stacked")
     model = import_moshi_lm(numpy_state_dict(tm), cfg=cfg)
 
     env = environment(args.threads)

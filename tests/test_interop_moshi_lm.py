@@ -14,7 +14,6 @@ Configs:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Iterator
 from functools import cached_property, partial
@@ -195,15 +194,6 @@ def test_export_loads_strictly_into_moshi(pair: Pair, tmp_path: Path, fused: boo
 # ---- per-layer parameters (lm.{temporal,depth}.scan_layers false) -----------------------------
 
 
-def _per_layer(cfg: LMConfig) -> LMConfig:
-    loop = {"scan_layers": False}
-    return dataclasses.replace(
-        cfg,
-        temporal=dataclasses.replace(cfg.temporal, **loop),
-        depth=dataclasses.replace(cfg.depth, **loop),
-    )
-
-
 @partial(jax.jit, static_argnums=(0,))
 def _loss_grads(graphdef: Any, params: Any, tokens: jax.Array, mask: jax.Array) -> Any:
     def loss(p: Any) -> jax.Array:
@@ -217,7 +207,7 @@ def test_per_layer_parameters_match_moshi_and_the_stacked_layout(pairs: PairCach
     unchanged, the same logits, and the training loss's gradients equal to the stacked
     layout's, tensor by tensor (both mapped onto moshi's keys)."""
     pair = pairs["7b_shaped"]
-    cfg = _per_layer(pair.cfg)
+    cfg = pair.cfg.with_scan_layers(False)
     model = import_moshi_lm(pair.checkpoint, cfg=cfg)
     paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     assert "transformer/layers/3/self_attn/in_proj/kernel" in paths

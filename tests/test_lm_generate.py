@@ -3,7 +3,6 @@ parameters), deterministic, per-session, resettable, one compile per step functi
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,13 +38,7 @@ KINDS = [*DEPTHS, PER_LAYER]
 
 def _cfg(kind: str) -> LMConfig:
     if kind == PER_LAYER:
-        cfg = _cfg("moshi")
-        loop = {"scan_layers": False}
-        return dataclasses.replace(
-            cfg,
-            temporal=dataclasses.replace(cfg.temporal, **loop),
-            depth=dataclasses.replace(cfg.depth, **loop),
-        )
+        return _cfg("moshi").with_scan_layers(False)
     return LMConfig(
         text_card=50, card=32, n_q=4, dep_q=4, delays=moshi_delays(4), temporal=TEMPORAL,
         depth=DEPTHS[kind],

@@ -138,6 +138,18 @@ class LMConfig:
                 f"lm.depth.amortize_every: must be >= 1, got {self.depth.amortize_every}"
             )
 
+    def with_scan_layers(self, scan_layers: bool) -> LMConfig:
+        """This config with both transformers' parameter layout set (`scan_layers`); without
+        a scan there is nothing to unroll, so `scan_unroll` goes to false."""
+        layout: dict[str, bool] = {"scan_layers": scan_layers}
+        if not scan_layers:
+            layout["scan_unroll"] = False
+        return dataclasses.replace(
+            self,
+            temporal=dataclasses.replace(self.temporal, **layout),
+            depth=dataclasses.replace(self.depth, **layout),
+        )
+
     @property
     def n_streams(self) -> int:
         """1 text stream + n_q model codebooks + n_q user codebooks."""

@@ -179,9 +179,7 @@ def lm_loss_fn(
     """The training loss: forward pass on batch["tokens"] and `lm_loss` against batch["mask"]
     (for nnx.grad). `heads_loss` gives the same numbers without keeping the heads' logits
     for the backward pass, but saves nothing measurable (the 7B-shaped CPU bench with
-    per-layer parameters; a v5p-8 compile of Moshi 7B), and as the trainer's loss it made
-    multi-device CPU test runs abort about one run in five: XLA:CPU's in-process collectives
-    timed out in a rendezvous (40 s) with the heads' many independent collectives ready."""
+    per-layer parameters; a v5p-8 compile of Moshi 7B)."""
     tokens = jnp.asarray(batch["tokens"])
     return lm_loss(model(tokens, rng=rng), tokens, jnp.asarray(batch["mask"]), model.cfg)
 
