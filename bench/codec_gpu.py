@@ -10,20 +10,25 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+# First, so that jax starts on the right platform with sfm's host settings.
+import sfm.host  # noqa: E402
 
+sfm.host.configure()
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
-from interop_helpers import build_moshi_mimi, numpy_state_dict, sfm_from_state_dict, speech_like  # noqa: E402
 
 from sfm.codec.config import CodecConfig  # noqa: E402
 from sfm.codec.streaming import StreamingCodec  # noqa: E402
+from sfm.testing.moshi_reference import (  # noqa: E402
+    build_moshi_mimi,
+    numpy_state_dict,
+    sfm_from_state_dict,
+    speech_like,
+)
 
 
 def _median_ms(fn, n: int) -> float:

@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -24,23 +23,25 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+# First, so that jax starts on the right platform with sfm's host settings.
+import sfm.host  # noqa: E402
 
+sfm.host.configure()
 import flax  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import moshi  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
-from interop_helpers import (  # noqa: E402
+
+from sfm.codec.config import CodecConfig  # noqa: E402
+from sfm.codec.streaming import StreamingCodec  # noqa: E402
+from sfm.testing.moshi_reference import (  # noqa: E402
     build_moshi_mimi,
     numpy_state_dict,
     sfm_from_state_dict,
     speech_like,
 )
-
-from sfm.codec.config import CodecConfig  # noqa: E402
-from sfm.codec.streaming import StreamingCodec  # noqa: E402
 
 
 @partial(jax.jit, static_argnums=(0,))

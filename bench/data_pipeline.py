@@ -22,22 +22,19 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from sfm.data import layout as lay
 from sfm.data import pipeline as pl
-from sfm.data.tokenize import record_bytes, shard_name, text_record_bytes, write_shard
+from sfm.data.tokenize import shard_name, text_record_bytes, write_shard
+from sfm.lm import layout as lay
+from sfm.testing.records import FRAME_RATE, speech_record
 
-FRAME_RATE = 12.5
 RECORDS_PER_SHARD = 64
 
 
 def _speech_record(rng: np.random.Generator, channels: int, index: int) -> bytes:
     """One record like `sfm data tokenize` writes: 8 codebooks, text with word marks."""
     frames = int(rng.uniform(20, 60) * FRAME_RATE)
-    codes = rng.integers(0, 2048, size=(channels, 8, frames))
-    text = rng.integers(4, 32000, size=(channels, frames))
-    text[rng.random(text.shape) < 0.5] = lay.TEXT_PAD
-    text[rng.random(text.shape) < 0.1] = lay.TEXT_EPAD
-    return record_bytes(codes, text, FRAME_RATE, f"bench/{channels}ch/{index:05d}.wav")
+    path = f"bench/{channels}ch/{index:05d}.wav"
+    return speech_record(rng, channels, frames, text_vocab=32000, p_pad=0.5, p_epad=0.1, path=path)
 
 
 def _write(out: Path, split: str, records: list[bytes]) -> str:
@@ -80,7 +77,7 @@ def config(globs: dict[str, str], args: argparse.Namespace, workers: int) -> pl.
 def measure(cfg: pl.DataConfig, seconds: float, warmup: int) -> dict[str, float]:
     """Batches per second after `warmup` batches (worker start-up excluded)."""
     t0 = time.perf_counter()
-    it = iter(pl.build_dataset(cfg))
+    it = iter(pl.build_dataset(cfg, lay.StreamLayout()))  # Moshi 7B's 8 + 8 codebooks
     for _ in range(warmup):
         next(it)
     start, n = time.perf_counter(), 0

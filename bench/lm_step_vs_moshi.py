@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -34,7 +33,7 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 # First, so that both libraries allocate under the host memory settings sfm makes on CPU.
 import sfm.host  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sfm.host.configure()
 
 import flax  # noqa: E402
 import jax  # noqa: E402
@@ -44,19 +43,19 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from flax import nnx  # noqa: E402
-from interop_helpers import (  # noqa: E402
+from moshi.models.lm import LMGen  # noqa: E402
+
+from sfm.io.moshi_lm import import_moshi_lm, lm_config_from_moshi  # noqa: E402
+from sfm.lm.config import LMConfig  # noqa: E402
+from sfm.lm.generate import Generator, SamplingConfig, _step  # noqa: E402
+from sfm.lm.layout import INITIAL, apply_delays  # noqa: E402
+from sfm.lm.loss import lm_loss_fn  # noqa: E402
+from sfm.testing.moshi_reference import (  # noqa: E402
     SEVEN_B_SHAPED,
     build_moshi_lm,
     numpy_state_dict,
     random_lm_codes,
 )
-from moshi.models.lm import LMGen  # noqa: E402
-
-from sfm.data.layout import INITIAL, apply_delays  # noqa: E402
-from sfm.interop.moshi_lm import import_moshi_lm, lm_config_from_moshi  # noqa: E402
-from sfm.lm.config import LMConfig  # noqa: E402
-from sfm.lm.generate import Generator, SamplingConfig, _step  # noqa: E402
-from sfm.lm.loss import lm_loss_fn  # noqa: E402
 
 
 def moshi_kwargs(args: argparse.Namespace) -> dict[str, Any]:

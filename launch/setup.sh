@@ -112,6 +112,10 @@ import_core_packages() {
   "$VENV/bin/python" - <<'PY'
 import sys
 
+import sfm.host
+
+sfm.host.configure()  # the CPU platform on a host without accelerators: libtpu stays quiet
+
 import flax
 import grain
 import jax

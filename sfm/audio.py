@@ -11,19 +11,25 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import resample_poly
 
+from sfm.errors import SfmError
+
 # WAV writers that stream to a pipe leave these placeholders in place of the data size.
 _UNKNOWN_WAV_SIZES = (0, 0xFFFFFFFF, 0x7FFFF000)
 
 PathLike = str | os.PathLike[str]
 
 
-class AudioError(ValueError):
+class AudioError(SfmError, ValueError):
     """A user-facing problem with an audio file; the message is one line: '<path>: <reason>'."""
 
 
-def _fail(path: PathLike, reason: str) -> AudioError:
+class NonFiniteAudioError(AudioError):
+    """The file decodes, but some samples are NaN or Inf (float WAVs can hold them)."""
+
+
+def _fail(path: PathLike, reason: str, cls: type[AudioError] = AudioError) -> AudioError:
     """Build the one-line error for `path`."""
-    return AudioError(f"{os.fspath(path)}: {reason}")
+    return cls(f"{os.fspath(path)}: {reason}")
 
 
 def _wav_data_chunk(path: Path) -> tuple[int, int] | None:
@@ -108,7 +114,7 @@ def load_audio(path: PathLike, sample_rate: int = 24000, channel: int | None = N
     if data_tc.shape[0] == 0:
         raise _fail(path, "empty audio (0 samples)")
     if not np.isfinite(data_tc).all():
-        raise _fail(path, "audio contains NaN or Inf samples")
+        raise _fail(path, "audio contains NaN or Inf samples", NonFiniteAudioError)
     wav = _pick_channel(p, data_tc, channel)
     return resample(wav, rate, sample_rate)
 

@@ -1,4 +1,6 @@
-"""`sfm <command>`: parses arguments and calls the library; user errors become one line, exit 2."""
+"""`sfm <command>`: parses arguments and calls the library; user errors become one line, exit 2.
+
+Each command imports what it needs when it runs, so `sfm --help` starts without jax."""
 
 from __future__ import annotations
 
@@ -7,40 +9,14 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import jax
-from jax.experimental.compilation_cache import compilation_cache
+from sfm.data.config import DataConfig
+from sfm.errors import SfmError
 
-from sfm import quickstart
-from sfm.audio import AudioError, load_audio, save_audio
-from sfm.checkpoint_io import CheckpointError
-from sfm.codec.streaming import StreamingCodec
-from sfm.codec_files import (
-    CodesError,
-    bitrate_kbps,
-    build_codec,
-    decode_codes,
-    encode_wav,
-    format_rows,
-    load_codes,
-    load_run_config,
-    roundtrip,
-    save_codes,
-    streaming_codec,
-    warm_up,
-)
-from sfm.config import Config, ConfigError, load_config
-from sfm.data.dialogues import synth_dialogues
-from sfm.data.pipeline import DataError
-from sfm.data.real_speech import EvalSetError, build_eval_set
-from sfm.data.synth import SynthError
-from sfm.data.synth_corpus import synth_corpus
-from sfm.data.tfds_speech import CorpusError
-from sfm.data.tokenize import TEXT_SEQ_TOKENS, TokenizeError, tokenize_dataset, tokenize_text
-from sfm.data.tokenizer import TokenizerError, train_tokenizer, training_texts
-from sfm.interop.mimi import InteropError
-from sfm.train.errors import CheckpointError as TrainCheckpointError
-from sfm.train.errors import TrainingStopped
+if TYPE_CHECKING:
+    from sfm.codec.streaming import StreamingCodec
+    from sfm.config import Config
 
 EXIT_USER_ERROR = 2
 CACHE_ENV = "SFM_COMPILE_CACHE"
@@ -52,6 +28,9 @@ def enable_compile_cache() -> None:
     The directory is $SFM_COMPILE_CACHE (`off` disables), else ~/.cache/sfm/jax; a cache
     the user configured for JAX directly is left alone.
     """
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
     setting = os.environ.get(CACHE_ENV, "")
     if setting.lower() == "off" or jax.config.jax_compilation_cache_dir:
         return
@@ -88,16 +67,24 @@ def _codec_options(p: argparse.ArgumentParser, channel: bool) -> None:
 
 def _codec(cfg: Config, args: argparse.Namespace) -> StreamingCodec:
     """The streaming codec of `cfg`, with --checkpoint's parameters when given."""
+    from sfm.codec.files import streaming_codec
+    from sfm.io.codec import build_codec
+
     return streaming_codec(build_codec(cfg, args.checkpoint))
 
 
 def _config(args: argparse.Namespace) -> Config:
     """The config that --config, --checkpoint and the overrides describe."""
+    from sfm.io.codec import load_run_config
+
     return load_run_config(args.config, args.checkpoint, args.overrides)
 
 
 def _encode(args: argparse.Namespace) -> None:
     """`sfm codec encode`: audio file -> code file (inputs are checked before building)."""
+    from sfm.audio import load_audio
+    from sfm.codec.files import bitrate_kbps, encode_wav, save_codes
+
     cfg = _config(args)
     wav_t = load_audio(args.input, cfg.codec.sample_rate, args.channel)
     codes_kt = encode_wav(_codec(cfg, args), wav_t)
@@ -110,6 +97,9 @@ def _encode(args: argparse.Namespace) -> None:
 
 def _decode(args: argparse.Namespace) -> None:
     """`sfm codec decode`: code file -> WAV."""
+    from sfm.audio import save_audio
+    from sfm.codec.files import decode_codes, load_codes
+
     cfg = _config(args)
     code_file = load_codes(args.input, cfg.codec)
     wav_t = decode_codes(_codec(cfg, args), code_file.codes_kt, code_file.n_samples)
@@ -122,6 +112,10 @@ def _decode(args: argparse.Namespace) -> None:
 
 def _roundtrip(args: argparse.Namespace) -> None:
     """`sfm codec roundtrip`: encode + decode one file and print the report."""
+    from sfm.audio import load_audio, save_audio
+    from sfm.codec.files import warm_up
+    from sfm.eval.roundtrip import format_rows, roundtrip
+
     cfg = _config(args)
     wav_t = load_audio(args.input, cfg.codec.sample_rate, args.channel)
     codec = _codec(cfg, args)
@@ -134,32 +128,44 @@ def _roundtrip(args: argparse.Namespace) -> None:
 
 def _quickstart(args: argparse.Namespace) -> None:
     """`sfm quickstart`: corpus -> codec -> tokens -> pretraining -> duplex -> reply + report."""
+    from sfm import quickstart
+
     quickstart.main(Path(args.out), args.steps_scale)
 
 
 def _data_synth(args: argparse.Namespace) -> None:
     """`sfm data synth`: write a synthetic speech corpus and print its summary."""
+    from sfm.data.synth_corpus import synth_corpus
+
     print(synth_corpus(args.out, args.minutes, args.engine, args.seed, args.text).line())
 
 
 def _data_dialogues(args: argparse.Namespace) -> None:
     """`sfm data dialogues`: write synthetic stereo dialogues and print their summary."""
+    from sfm.data.dialogues import synth_dialogues
+
     print(synth_dialogues(args.out, args.minutes, args.seed).line())
 
 
 def _data_eval_set(args: argparse.Namespace) -> None:
     """`sfm data eval-set`: collect the real-speech evaluation set and print its summary."""
+    from sfm.data.real_speech import build_eval_set
+
     print(build_eval_set(args.out).line())
 
 
 def _data_train_tokenizer(args: argparse.Namespace) -> None:
     """`sfm data train-tokenizer`: train a SentencePiece model on corpora words or text files."""
+    from sfm.data.tokenizer import train_tokenizer, training_texts
+
     texts = training_texts(args.corpus, args.text)
     print(train_tokenizer(texts, args.out, args.vocab, args.model_type))
 
 
 def _data_tokenize(args: argparse.Namespace) -> None:
     """`sfm data tokenize`: codec codes + text streams to ArrayRecord shards."""
+    from sfm.data.tokenize import tokenize_dataset
+
     summary = tokenize_dataset(
         args.data,
         args.out,
@@ -174,6 +180,8 @@ def _data_tokenize(args: argparse.Namespace) -> None:
 
 def _data_tokenize_text(args: argparse.Namespace) -> None:
     """`sfm data tokenize-text`: text lines -> packed token sequences in ArrayRecord shards."""
+    from sfm.data.tokenize import tokenize_text
+
     summary = tokenize_text(
         args.text_file, args.out, args.tokenizer, args.seq_tokens, args.shard_size
     )
@@ -184,7 +192,14 @@ def _train(args: argparse.Namespace) -> None:
     """`sfm train CONFIG [KEY=VALUE ...]`: run or resume a training run."""
     from sfm.train.loop import train
 
-    print(train(load_config(args.config, args.overrides)).line())
+    print(train(_train_config(args)).line())
+
+
+def _train_config(args: argparse.Namespace) -> Config:
+    """The run's config: CONFIG (a YAML path or a train preset name) and the overrides."""
+    from sfm.config import load_config, resolve_preset
+
+    return load_config(resolve_preset(args.config, "train"), args.overrides)
 
 
 def _compile(args: argparse.Namespace) -> int:
@@ -266,7 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     txt.add_argument("text_file", metavar="TEXT_FILE", help="UTF-8 text, one document per line")
     txt.add_argument("--tokenizer", required=True, help="SentencePiece .model")
     txt.add_argument("--out", required=True, help="output folder for the shards")
-    txt.add_argument("--seq-tokens", type=int, default=TEXT_SEQ_TOKENS, help="tokens per record")
+    txt.add_argument(
+        "--seq-tokens",
+        type=int,
+        default=DataConfig.seq_len,
+        help="tokens per record",
+    )
     txt.add_argument("--shard-size", type=int, default=1024, help="records per shard")
     txt.set_defaults(run=_data_tokenize_text)
     tr = commands.add_parser("train", help="train (or resume) the run a config describes")
@@ -297,23 +317,7 @@ def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpa
 
 
 # Exceptions that mean bad input rather than a bug: one line, no traceback.
-USER_ERRORS = (
-    CorpusError,
-    DataError,
-    TrainingStopped,
-    TrainCheckpointError,
-    TokenizeError,
-    TokenizerError,
-    AudioError,
-    CheckpointError,
-    ConfigError,
-    CodesError,
-    InteropError,
-    EvalSetError,
-    quickstart.QuickstartError,
-    SynthError,
-    OSError,
-)
+USER_ERRORS = (SfmError, OSError)
 
 
 def _one_line(err: Exception) -> str:
@@ -333,6 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # --help (0) or a usage error (2), already printed
         return 0 if exit_.code is None else int(exit_.code)
     run: Callable[[argparse.Namespace], int | None] = args.run
+    import sfm.host
+
+    sfm.host.configure()  # before jax is imported
     enable_compile_cache()
     try:
         status = run(args)  # None, or an exit status of the command's own

@@ -25,11 +25,11 @@ from typing import Any, TypeVar, overload
 import yaml
 
 from sfm.codec.config import CodecConfig
-from sfm.data.pipeline import DataConfig
+from sfm.data.config import DataConfig
+from sfm.errors import SfmError
 from sfm.lm.config import LMConfig
 from sfm.parallel.config import MeshConfig
-from sfm.train.codec_task import CodecTrainConfig
-from sfm.train.config import TrainConfig
+from sfm.train.config import CodecTrainConfig, TrainConfig
 
 T = TypeVar("T")
 
@@ -37,7 +37,7 @@ _NONE = type(None)
 _MISSING = dataclasses.MISSING
 
 
-class ConfigError(ValueError):
+class ConfigError(SfmError, ValueError):
     """A bad config file, key, value or override; the message is one line naming it."""
 
 
@@ -321,6 +321,22 @@ def _defaults(cls: type) -> dict[str, Any]:
 
 
 # --- presets and overrides ----------------------------------------------------------------
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_preset(spec: str | os.PathLike[str], kind: str) -> Path:
+    """A config file: `spec` as a path (or relative to the repository), else a preset of
+    `kind` (a folder of configs/: codec, lm, train, mesh) by name, e.g. ("tiny", "codec") ->
+    configs/codec/tiny.yaml."""
+    spec = os.fspath(spec)
+    folder = PRESET_DIR / kind
+    for path in (Path(spec), PRESET_DIR.parent / spec, folder / spec, folder / f"{spec}.yaml"):
+        if path.is_file():
+            return path
+    presets = ", ".join(sorted(p.stem for p in folder.glob("*.yaml"))) or "none found"
+    raise ConfigError(f"{spec}: no such config file or {kind} preset (presets: {presets})")
+
 
 _KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
 

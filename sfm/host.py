@@ -1,4 +1,16 @@
-"""Host settings for XLA:CPU: freed memory kept for reuse, worker threads for simulated meshes.
+"""Process-wide host settings: the jax platform, XLA:CPU memory reuse and worker threads.
+
+`configure()` applies all of them; programs call it once, first (before jax is imported),
+and `import sfm` alone applies none. Library users who drive jax themselves may skip it, or
+call it the same way:
+
+    import sfm.host
+    sfm.host.configure()  # before `import jax`
+    import jax
+
+Platform. With libtpu installed (the `tpu` extra, for ahead-of-time compilation) jax probes for
+TPU chips at start-up and logs errors on a machine that has none, so on a host without TPU
+chips or NVIDIA GPUs `configure` sets JAX_PLATFORMS=cpu. A JAX_PLATFORMS of the user's wins.
 
 Memory. XLA:CPU allocates the temporaries of an executable afresh at every call (one block,
 ~130 MiB for a small LM's training step). glibc serves a block that large with mmap and hands
@@ -22,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import glob
 import os
 import re
 
@@ -104,3 +117,19 @@ def configure_for_cpu() -> bool:
         return False
     widen_collective_thread_pool()
     return choice == "retain" and retain_freed_memory()
+
+
+def cpu_only_host() -> bool:
+    """True on a machine without TPU chips (/dev/accel*, /dev/vfio) or NVIDIA GPUs."""
+    accelerators = glob.glob("/dev/accel*") + glob.glob("/dev/nvidia*")
+    return not (accelerators or os.path.exists("/dev/vfio"))
+
+
+def configure() -> None:
+    """Apply sfm's process-wide settings (module docstring); call before importing jax.
+
+    Sets JAX_PLATFORMS=cpu on a host without accelerators (unless set), then, for a CPU-only
+    jax, `configure_for_cpu`. Calling it again changes nothing more."""
+    if "JAX_PLATFORMS" not in os.environ and cpu_only_host():
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    configure_for_cpu()

@@ -36,6 +36,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 from flax import nnx
 
 from sfm.config import Config, load_config
+from sfm.errors import SfmError
 
 DEFAULT_OUT = Path("out/quickstart")
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "quickstart"
@@ -47,7 +48,7 @@ EVAL_BATCHES = 16
 VOCAB = 512  # = lm.text_card of configs/quickstart/pretrain.yaml
 
 
-class QuickstartError(ValueError):
+class QuickstartError(SfmError, ValueError):
     """A missing tool or failed step of the quickstart; the message is one line."""
 
 
@@ -175,8 +176,8 @@ def _records(path: Path) -> Iterator[dict[str, Any]]:
 
 def evaluate_codec(codec_ckpt: Path, wavs: list[Path]) -> dict[str, float]:
     """Mean mel distance and SI-SDR of held-out utterances, trained codec vs untrained."""
-    from sfm.codec_files import build_codec, load_run_config
     from sfm.eval.codec_metrics import mel_distance, si_sdr
+    from sfm.io.codec import build_codec, load_run_config
 
     cfg = load_run_config(None, codec_ckpt, ())
     models = {"trained": build_codec(cfg, codec_ckpt), "untrained": build_codec(cfg)}
@@ -232,7 +233,7 @@ def evaluate_lm(cfg: Config, weights: Path, source: str, shard: Path) -> dict[st
     sums = {"text": 0.0, "cb0": 0.0}
     counts = {"text": 0.0, "cb0": 0.0}
     targets: dict[str, list[np.ndarray]] = {"text": [], "cb0": []}
-    batches = iter(build_dataset(data))
+    batches = iter(build_dataset(data, cfg.lm.layout))
     for _ in range(EVAL_BATCHES):
         batch = next(batches)
         metrics = jax.device_get(loss(model, {"tokens": batch["tokens"], "mask": batch["mask"]}))
@@ -255,10 +256,10 @@ def generate_reply(
 ) -> dict[str, str]:
     """Answer the first held-out dialogue's user channel with the streaming generator; write
     reply.wav (left: generated assistant, right: the user) and return both texts."""
-    from sfm.codec_files import build_codec, load_run_config
-    from sfm.data.text_stream import TEXT_EPAD, TEXT_PAD
     from sfm.data.tokenizer import load_tokenizer
+    from sfm.io.codec import build_codec, load_run_config
     from sfm.lm.generate import SamplingConfig, generate
+    from sfm.lm.layout import TEXT_EPAD, TEXT_PAD
 
     record = next(_records(shard))
     user_kt = np.asarray(record["codes"][1], np.int32)

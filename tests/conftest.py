@@ -1,4 +1,5 @@
-"""Test set-up: eight simulated CPU devices (set before jax is imported) and the slow marker.
+"""Test set-up: eight simulated CPU devices and sfm's host settings (both before anything
+imports jax), and the slow marker.
 
 Tests run on CPU even where libtpu is installed (the `tpu` extra, used for ahead-of-time
 compilation): without `JAX_PLATFORMS=cpu` jax would probe for TPU chips at start-up.
@@ -10,6 +11,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402 - the device count must be set before anything imports jax
+
+import sfm.host  # noqa: E402
+
+sfm.host.configure()
 
 
 def pytest_configure(config: pytest.Config) -> None:

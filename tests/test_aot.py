@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -90,8 +93,31 @@ def test_tiny_train_step_compiles_for_v5e_8(tiny_report: aot.CompileReport) -> N
 
 
 @needs_libtpu
+def test_multi_host_compile_takes_the_global_batch_that_training_takes() -> None:
+    """data.batch_size is the global batch: compiled for v5p-16 (2 hosts x 4 chips), the
+    step takes the 8 rows that `sfm train` on 2 processes x 4 devices with this same config
+    takes (test_train.py::test_two_hosts_match_one_host checks that side)."""
+    cfg = load_config(TINY, MESH_2X2X2)
+    r = aot.compile_for_topology(cfg, "v5p-16", label="tiny")
+    assert (r.hosts, r.devices, r.global_batch, cfg.data.batch_size) == (2, 8, 8, 8)
+    assert "batch                 8 x 32 frames" in r.table()
+
+
+@needs_libtpu
+def test_a_global_batch_that_does_not_divide_over_the_hosts_is_refused() -> None:
+    cfg = load_config(TINY, ["data.batch_size=6", "mesh.ici_data=2", "mesh.ici_fsdp=1"])
+    batch = aot.abstract_batch(cfg, LMTask(), build_mesh(cfg.mesh, jax.devices()[:2]))
+    assert batch["tokens"].shape == (6, cfg.lm.n_streams, 32)  # one host, 2-way: fine
+    v5p_32 = aot.topology_devices(aot.parse_topology("v5p-32"))  # 4 hosts x 4 chips
+    four_hosts = build_mesh(load_config(TINY, ["mesh.ici_data=2", "mesh.ici_fsdp=-1"]).mesh, v5p_32)
+    with pytest.raises(aot.AotError, match=r"data.batch_size: the global batch 6 must divide"):
+        aot.abstract_batch(cfg, LMTask(), four_hosts)
+
+
+@needs_libtpu
 def test_7b_without_fsdp_is_out_of_hbm_on_v5e_4() -> None:
-    cfg = load_config(MOSHI_7B, ["data.batch_size=4"])
+    data_parallel = ["mesh.ici_data=-1", "mesh.ici_fsdp=1", "data.batch_size=4", "data.seq_len=250"]
+    cfg = load_config(MOSHI_7B, data_parallel)
     with pytest.raises(
         aot.AotError,
         match=r"moshi_7b on v5e-4 \(mesh data=4 fsdp=1 tensor=1, batch 4 x 250\): out of HBM",
@@ -111,25 +137,28 @@ def cli_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures("cli_env")
 def test_cli_names_a_bad_topology(capsys: pytest.CaptureFixture[str]) -> None:
-    assert aot.main([str(TINY), "--topology", "v5p-12"]) == 1
+    assert aot.run(str(TINY), "v5p-12", []) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: topology 'v5p-12'") and "\n" not in err
 
 
 @pytest.mark.usefixtures("cli_env")
 def test_cli_rejects_a_bad_override(capsys: pytest.CaptureFixture[str]) -> None:
-    assert aot.main([str(TINY), "--topology", "v5e-8", "train.nope=1"]) == 2
+    assert aot.run(str(TINY), "v5e-8", ["train.nope=1"]) == 2
     assert "train.nope" in capsys.readouterr().err
 
 
 @needs_libtpu
 @pytest.mark.slow
 @pytest.mark.usefixtures("cli_env")
-def test_cli_prints_the_report(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = [str(TINY), "--topology", "v5p-8", "mesh.ici_data=1", "mesh.ici_fsdp=4"]
-    assert aot.main(argv) == 0
-    out = capsys.readouterr().out
-    assert "v5p-8 (v5:2x2x1, 1 host)" in out and "peak / device" in out
+def test_python_m_sfm_train_aot_is_sfm_compile() -> None:
+    argv = ["tiny_pretrain", "--topology", "v5p-8", "mesh.ici_data=1", "mesh.ici_fsdp=4"]
+    env = {**os.environ, "SFM_COMPILE_CACHE": "off"}
+    out = subprocess.run(
+        [sys.executable, "-m", "sfm.train.aot", *argv], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert "v5p-8 (v5:2x2x1, 1 host)" in out.stdout and "peak / device" in out.stdout
 
 
 @needs_libtpu
@@ -190,7 +219,7 @@ def test_train_step_shards_activations_over_the_batch_axes() -> None:
     step = build_train_step(parts, task.loss_fn(cfg), cfg.train)
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parts.shardings["replicated"])
     args = (parts.params, parts.mutable, parts.frozen, parts.opt_state)
-    text = step.lower(*args, aot.abstract_batch(cfg, mesh, 8), rng).as_text()
+    text = step.lower(*args, aot.abstract_batch(cfg, task, mesh), rng).as_text()
     constraints = [line for line in text.splitlines() if "sdy.sharding_constraint" in line]
     batch_btd = '[{"data", "fsdp"}, {}, {}]>'
     assert sum(batch_btd in line for line in constraints) >= 4  # embedding, layers, output

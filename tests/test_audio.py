@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from sfm.audio import AudioError, load_audio, save_audio
+from sfm.audio import AudioError, NonFiniteAudioError, load_audio, save_audio
 
 
 def _sine(freq: float, rate: int, seconds: float) -> np.ndarray:
@@ -101,14 +101,17 @@ def test_empty_wav(tmp_path: Path) -> None:
     _assert_one_line(err, path, "empty audio")
 
 
-def test_nan_samples(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("channels", [1, 2])
+def test_non_finite_samples(tmp_path: Path, bad: float, channels: int) -> None:
     path = tmp_path / "nan.wav"
-    wav = _sine(440.0, 24000, 0.1)
-    wav[100] = np.nan
+    wav = np.stack([_sine(440.0, 24000, 0.1)] * channels, axis=1)
+    wav[100, channels - 1] = bad  # float WAVs keep NaN/Inf; in any channel it is caught
     sf.write(path, wav, 24000, subtype="FLOAT")
-    with pytest.raises(AudioError) as err:
-        load_audio(path)
-    _assert_one_line(err, path, "NaN")
+    for channel in (None, 0):
+        with pytest.raises(NonFiniteAudioError) as err:
+            load_audio(path, channel=channel)
+        _assert_one_line(err, path, "NaN or Inf")
 
 
 def test_save_audio_round_trip_and_clip(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Tests for sfm.checkpoint_io: exact round trips and one-line errors for bad checkpoints."""
+"""Tests for sfm.io.params: exact round trips and one-line errors for bad checkpoints."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 import safetensors
 from flax import nnx
 
-from sfm.checkpoint_io import CheckpointError, load_params, read_config_yaml, save_params
+from sfm.io.params import load_params, read_config_yaml, save_params
+from sfm.io.tensors import CheckpointError
 
 
 class Counter(nnx.Variable):
@@ -89,12 +90,14 @@ def test_truncated_file(saved: Path, tmp_path: Path, keep: float) -> None:
 
 
 def test_missing_and_garbage_files(tmp_path: Path) -> None:
-    for path in (tmp_path / "absent.safetensors", tmp_path / "text.safetensors"):
-        if path.name.startswith("text"):
-            path.write_text("hello")
+    (tmp_path / "text.safetensors").write_text("hello")
+    for name, reason in (
+        ("absent.safetensors", "no such checkpoint file"),
+        ("text.safetensors", "not a readable safetensors file"),
+    ):
         with pytest.raises(CheckpointError) as err:
-            load_params(Small(nnx.Rngs(0)), path)
-        assert "not a readable safetensors file" in _assert_one_line(err, path)
+            load_params(Small(nnx.Rngs(0)), tmp_path / name)
+        assert reason in _assert_one_line(err, tmp_path / name)
 
 
 def test_shape_mismatch_names_first_key_and_count(saved: Path) -> None:

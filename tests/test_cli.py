@@ -16,19 +16,13 @@ import soundfile as sf
 from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
 
-from sfm.checkpoint_io import save_params
 from sfm.cli import CACHE_ENV, main
-from sfm.codec_files import (
-    CHUNK_FRAMES,
-    build_codec,
-    decode_codes,
-    encode_wav,
-    load_run_config,
-    streaming_codec,
-)
+from sfm.codec.files import CHUNK_FRAMES, decode_codes, encode_wav, streaming_codec
 from sfm.config import dump_yaml
 from sfm.data.text import sentences
-from sfm.interop.mimi import export_mimi
+from sfm.io.codec import build_codec, load_run_config
+from sfm.io.mimi import export_mimi
+from sfm.io.params import save_params
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--config", "tiny"]

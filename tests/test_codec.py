@@ -14,8 +14,9 @@ from sfm.codec.config import CodecConfig, QuantizerConfig
 from sfm.codec.model import Mimi
 from sfm.codec.streaming import StreamingCodec
 from sfm.config import load_config
-from sfm.parallel import MeshConfig, build_mesh, shard_model
-from sfm.parallel.config import DEFAULT_RULES
+from sfm.parallel.config import DEFAULT_RULES, MeshConfig
+from sfm.parallel.mesh import build_mesh
+from sfm.parallel.rules import shard_model
 
 TINY = load_config(Path(__file__).parents[1] / "configs/codec/tiny.yaml", []).codec
 FRAMES = 40

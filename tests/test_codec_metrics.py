@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sfm.eval.codec_metrics import mel_distance, mel_filterbank, si_sdr
+from sfm.codec.config import MEL_SCALES
+from sfm.codec.mel import LOG_FLOOR, mel_filterbank
+from sfm.eval.codec_metrics import mel_distance, si_sdr
 
 RATE = 24000
 
@@ -77,6 +79,37 @@ def test_mel_distance_of_gain_is_log10_of_gain(speechlike: np.ndarray) -> None:
     assert mel_distance(speechlike, 2.0 * speechlike, RATE) == pytest.approx(
         np.log10(2.0), abs=0.02
     )
+
+
+def stft_magnitude(wav: np.ndarray, n_fft: int, hop: int) -> np.ndarray:
+    """Reference magnitude STFT in float64: periodic Hann window, centred frames."""
+    padded = np.pad(wav, (n_fft // 2, n_fft // 2))
+    n_frames = 1 + (padded.size - n_fft) // hop
+    idx = np.arange(n_fft)[None, :] + hop * np.arange(n_frames)[:, None]
+    window = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n_fft) / n_fft)
+    return np.abs(np.fft.rfft(padded[idx] * window, axis=-1))
+
+
+def reference_mel_distance(ref: np.ndarray, est: np.ndarray, rate: int) -> float:
+    """The multi-scale log-mel L1 written out in float64 numpy."""
+
+    def log_mel(x: np.ndarray, n_fft: int, n_mels: int) -> np.ndarray:
+        mel = (
+            stft_magnitude(x.astype(np.float64), n_fft, n_fft // 4)
+            @ mel_filterbank(rate, n_fft, n_mels).T
+        )
+        return np.log10(np.maximum(mel, LOG_FLOOR))
+
+    return float(
+        np.mean([np.mean(np.abs(log_mel(ref, *s) - log_mel(est, *s))) for s in MEL_SCALES])
+    )
+
+
+def test_mel_distance_matches_a_float64_reference(speechlike: np.ndarray) -> None:
+    noisy = speechlike + _noise_at_snr(speechlike, 10.0)
+    want = reference_mel_distance(speechlike, noisy, RATE)
+    assert want > 0.05
+    assert mel_distance(speechlike, noisy, RATE) == pytest.approx(want, rel=1e-3)
 
 
 def test_mel_filterbank_shape_and_coverage() -> None:

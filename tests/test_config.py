@@ -16,6 +16,7 @@ from sfm.config import (
     from_dict,
     load_config,
     parse_override,
+    resolve_preset,
     to_dict,
 )
 from sfm.parallel.config import DEFAULT_RULES, MeshConfig
@@ -329,3 +330,21 @@ def test_from_dict_errors_on_missing_required_and_wrong_length() -> None:
         from_dict(_Outer, {"inner": {}})
     with pytest.raises(ConfigError, match=r"^x\.sizes: expected 2 items"):
         from_dict(_Outer, {"inner": {"name": "a"}, "sizes": [1, 2, 3]}, prefix="x")
+
+
+@pytest.mark.parametrize(
+    "preset", sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
+)
+def test_every_preset_loads(preset: str) -> None:
+    cfg = load_config(CONFIGS / preset)
+    assert from_dict(Config, to_dict(cfg)) == cfg
+
+
+def test_resolve_preset_finds_files_and_names() -> None:
+    assert resolve_preset("tiny", "codec") == CONFIGS / "codec" / "tiny.yaml"
+    assert resolve_preset("tiny_pretrain", "train") == CONFIGS / "train" / "tiny_pretrain.yaml"
+    path = CONFIGS / "lm" / "moshi_7b.yaml"
+    assert resolve_preset(str(path), "train") == path
+    with pytest.raises(ConfigError) as err:
+        resolve_preset("nope", "codec")
+    assert str(err.value) == "nope: no such config file or codec preset (presets: mimi, tiny)"

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordReader
 
-from sfm.data import layout as lay
 from sfm.data import pipeline as pl
 from sfm.data.dialogues import synth_dialogues
 from sfm.data.synth_corpus import synth_corpus
@@ -17,9 +16,11 @@ from sfm.data.text import sentences
 from sfm.data.tfds_speech import prepare
 from sfm.data.tokenize import read_record, read_text_record, tokenize_dataset, tokenize_text
 from sfm.data.tokenizer import train_tokenizer, training_texts
+from sfm.lm import layout as lay
 
 K, SEQ, BATCH = 4, 48, 4  # the tiny codec's n_q; a window shorter than every utterance
 DELAYS = lay.moshi_delays(K)
+LAYOUT = lay.StreamLayout(n_q=K, delays=DELAYS)
 Batch = dict[str, np.ndarray]
 
 
@@ -60,8 +61,6 @@ def _config(shards: dict[str, Path], **kw: Any) -> pl.DataConfig:
         duplex_paths=glob["duplex"],
         seq_len=SEQ,
         batch_size=BATCH,
-        n_q=K,
-        delays=DELAYS,
         shard_index=0,
         shard_count=1,
     )
@@ -71,7 +70,7 @@ def _config(shards: dict[str, Path], **kw: Any) -> pl.DataConfig:
 @pytest.fixture(scope="module")
 def batches(shards: dict[str, Path]) -> list[Batch]:
     """The first batches of the four-source mixture."""
-    it = iter(pl.build_dataset(_config(shards)))
+    it = iter(pl.build_dataset(_config(shards), LAYOUT))
     out = [next(it) for _ in range(10)]
     it.close()
     return out
@@ -143,13 +142,13 @@ def test_interleaved_switches_modality(batches: list[Batch]) -> None:
 
 def test_resume_after_state(shards: dict[str, Path]) -> None:
     cfg = _config(shards, seed=3)
-    it = iter(pl.build_dataset(cfg))
+    it = iter(pl.build_dataset(cfg, LAYOUT))
     for _ in range(3):
         next(it)
     state = it.get_state()
     expected = [next(it) for _ in range(4)]
     it.close()
-    fresh = iter(pl.build_dataset(cfg))
+    fresh = iter(pl.build_dataset(cfg, LAYOUT))
     fresh.set_state(state)
     for want in expected:
         got = next(fresh)

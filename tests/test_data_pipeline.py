@@ -6,34 +6,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from array_record.python.array_record_module import ArrayRecordWriter
 
-from sfm.data import layout as lay
 from sfm.data import pipeline as pl
+from sfm.lm import layout as lay
+from sfm.testing.records import speech_record, write_shard
 
 K, SEQ = 4, 40
 DELAYS = lay.moshi_delays(K)
+LAYOUT = lay.StreamLayout(n_q=K, delays=DELAYS)
 
 
 def fake_record(rng: np.random.Generator, channels: int, frames: int, idx: int) -> bytes:
-    """One tokenized record: random codes, text with EPAD word marks, a unique path."""
-    text = rng.integers(4, 100, size=(channels, frames)).astype(np.int32)
-    text[rng.random((channels, frames)) < 0.3] = lay.TEXT_PAD
-    text[rng.random((channels, frames)) < 0.15] = lay.TEXT_EPAD
-    codes = rng.integers(0, 2048, size=(channels, 8, frames)).astype(np.int16)
-    return lay.encode_record(
-        {"codes": codes, "text": text, "frame_rate": 12.5, "path": f"utt{idx}.wav"}
-    )
+    """One tokenized record with a unique path."""
+    return speech_record(rng, channels, frames, path=f"utt{idx}.wav")
 
 
 def write_shards(root: Path, name: str, channels: int, n: int, n_shards: int = 2) -> str:
     """Write n records over n_shards ArrayRecord files; returns their glob."""
     rng = np.random.default_rng(channels * 100 + n)
     for i in range(n_shards):
-        writer = ArrayRecordWriter(str(root / f"{name}-{i:05d}-of-{n_shards:05d}.array_record"), "")
-        for j in range(i, n, n_shards):
-            writer.write(fake_record(rng, channels, int(rng.integers(20, 80)), j))
-        writer.close()
+        records = [
+            fake_record(rng, channels, int(rng.integers(20, 80)), j) for j in range(i, n, n_shards)
+        ]
+        write_shard(root / f"{name}-{i:05d}-of-{n_shards:05d}.array_record", records)
     return str(root / f"{name}-*.array_record")
 
 
@@ -52,8 +47,6 @@ def config(shards: dict[str, str], **kw: object) -> pl.DataConfig:
         duplex_paths=(shards["stereo"],),
         seq_len=SEQ,
         batch_size=4,
-        n_q=K,
-        delays=DELAYS,
         shard_index=0,
         shard_count=1,
     )
@@ -101,7 +94,7 @@ def test_interleave_spans() -> None:
 def _one_source(shards: dict[str, str], source: str) -> dict[str, np.ndarray]:
     """First batch of a pipeline with only `source` enabled."""
     weights = tuple(float(s == source) for s in pl.SOURCES)
-    return next(iter(pl.build_dataset(config(shards, weights=weights), TEXTS)))
+    return next(iter(pl.build_dataset(config(shards, weights=weights), LAYOUT, TEXTS)))
 
 
 @pytest.mark.parametrize("source", pl.SOURCES)
@@ -134,7 +127,7 @@ def _initial_prefix(tokens: np.ndarray) -> np.ndarray:
 
 def test_mixture_proportions(shards: dict[str, str]) -> None:
     cfg = config(shards, weights=(1.0, 2.0, 1.0, 4.0), batch_size=5)
-    it = iter(pl.build_dataset(cfg, TEXTS))
+    it = iter(pl.build_dataset(cfg, LAYOUT, TEXTS))
     sources = np.concatenate([next(it)["source"] for _ in range(100)])
     frac = np.bincount(sources, minlength=4) / len(sources)
     np.testing.assert_allclose(frac, np.array([1, 2, 1, 4]) / 8, atol=0.03)
@@ -150,9 +143,9 @@ def test_host_sharding_disjoint_and_covering(shards: dict[str, str]) -> None:
 
 
 def test_hosts_together_make_the_one_host_batches(shards: dict[str, str]) -> None:
-    one = iter(pl.build_dataset(config(shards, batch_size=4, shard_index=0, shard_count=1)))
+    one = iter(pl.build_dataset(config(shards, batch_size=4, shard_index=0, shard_count=1), LAYOUT))
     hosts = [
-        iter(pl.build_dataset(config(shards, batch_size=4, shard_index=i, shard_count=2)))
+        iter(pl.build_dataset(config(shards, batch_size=4, shard_index=i, shard_count=2), LAYOUT))
         for i in (0, 1)
     ]
     for _ in range(3):
@@ -161,12 +154,12 @@ def test_hosts_together_make_the_one_host_batches(shards: dict[str, str]) -> Non
         for key in ("tokens", "mask", "source"):
             np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), whole[key])
     with pytest.raises(ValueError, match="data.batch_size"):
-        pl.build_dataset(config(shards, batch_size=5, shard_index=0, shard_count=2))
+        pl.build_dataset(config(shards, batch_size=5, shard_index=0, shard_count=2), LAYOUT)
 
 
 def test_deterministic_with_seed(shards: dict[str, str]) -> None:
     def first(seed: int) -> np.ndarray:
-        it = iter(pl.build_dataset(config(shards, seed=seed), TEXTS))
+        it = iter(pl.build_dataset(config(shards, seed=seed), LAYOUT, TEXTS))
         return np.stack([next(it)["tokens"] for _ in range(3)])
 
     np.testing.assert_array_equal(first(3), first(3))
@@ -176,26 +169,17 @@ def test_deterministic_with_seed(shards: dict[str, str]) -> None:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_exact_resume(shards: dict[str, str], workers: int) -> None:
     cfg = config(shards, num_workers=workers)
-    it = iter(pl.build_dataset(cfg, TEXTS))
+    it = iter(pl.build_dataset(cfg, LAYOUT, TEXTS))
     for _ in range(5):
         next(it)
     state = it.get_state()
     expected = [next(it) for _ in range(4)]
-    fresh = iter(pl.build_dataset(cfg, TEXTS))
+    fresh = iter(pl.build_dataset(cfg, LAYOUT, TEXTS))
     fresh.set_state(state)
     for want in expected:
         got = next(fresh)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
-
-
-def _write(path: Path, records: list[bytes]) -> str:
-    """One ArrayRecord shard of `records`; returns its path."""
-    writer = ArrayRecordWriter(str(path), "")
-    for rec in records:
-        writer.write(rec)
-    writer.close()
-    return str(path)
 
 
 def _broken_speech() -> dict[str, list[bytes]]:
@@ -233,8 +217,8 @@ def test_bad_records_skipped_and_counted(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     speech = [fake_record(rng, 1, 50, i) for i in range(6)]
     text = [lay.encode_record({"tokens": np.arange(4, 60, dtype=np.int32)})] * 3
-    mono = _write(tmp_path / "mono.array_record", _shuffled(speech, _broken_speech(), 0))
-    texts = _write(tmp_path / "text.array_record", _shuffled(text, _broken_text(), 1))
+    mono = write_shard(tmp_path / "mono.array_record", _shuffled(speech, _broken_speech(), 0))
+    texts = write_shard(tmp_path / "text.array_record", _shuffled(text, _broken_text(), 1))
     paths = {"mono": mono, "stereo": mono}
     for source, good, broken in (
         ("speech", speech, _broken_speech()),
@@ -245,10 +229,10 @@ def test_bad_records_skipped_and_counted(tmp_path: Path) -> None:
         )
         pl.BAD_RECORDS.reset()
         n = len(good) + sum(map(len, broken.values()))
-        epoch = [pl.mixture(cfg)[i] for i in range(n)]  # in-process: exact counts
+        epoch = [pl.mixture(cfg, LAYOUT)[i] for i in range(n)]  # in-process: exact counts
         assert sum(e is not None for e in epoch) == len(good)
         assert pl.bad_record_counts() == {k: len(v) for k, v in broken.items()}
-    it = iter(pl.build_dataset(config(paths, weights=(0.0, 1.0, 0.0, 0.0))))
+    it = iter(pl.build_dataset(config(paths, weights=(0.0, 1.0, 0.0, 0.0)), LAYOUT))
     for _ in range(4):  # batches hold only windows of good records, epoch after epoch
         mask = next(it)["mask"]
         assert mask.shape == (4, 1 + 2 * K, SEQ) and (mask[:, : 1 + K].sum(-1) >= SEQ - 1).all()

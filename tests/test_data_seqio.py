@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from array_record.python.array_record_module import ArrayRecordWriter
 
-from sfm.data import layout as lay
 from sfm.data import pipeline as pl
 from sfm.data.seqio_tasks import (
     SeqioUnavailableError,
@@ -18,39 +15,28 @@ from sfm.data.seqio_tasks import (
     register_tasks,
     task_name,
 )
+from sfm.lm import layout as lay
+from sfm.testing.records import speech_record, write_shard
 
 seqio = pytest.importorskip("seqio")
 
 K, SEQ, N_EXAMPLES = 4, 40, 40
 DELAYS = lay.moshi_delays(K)
-
-
-def _write(path: Path, records: list[bytes]) -> str:
-    """One ArrayRecord shard; returns its path."""
-    writer = ArrayRecordWriter(str(path), "")
-    for rec in records:
-        writer.write(rec)
-    writer.close()
-    return str(path)
-
-
-def _speech(rng: np.random.Generator, channels: int, frames: int) -> bytes:
-    """A tokenized record: random codes, text with pads and word marks."""
-    text = rng.integers(4, 100, size=(channels, frames)).astype(np.int32)
-    text[rng.random(text.shape) < 0.3] = lay.TEXT_PAD
-    text[rng.random(text.shape) < 0.15] = lay.TEXT_EPAD
-    codes = rng.integers(0, 2048, size=(channels, 8, frames)).astype(np.int16)
-    return lay.encode_record({"codes": codes, "text": text, "frame_rate": 12.5})
+LAYOUT = lay.StreamLayout(n_q=K, delays=DELAYS)
 
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory: pytest.TempPathFactory) -> pl.DataConfig:
     """All four sources over small mono, stereo and text shards."""
     root, rng = tmp_path_factory.mktemp("seqio"), np.random.default_rng(0)
-    mono = _write(root / "mono.ar", [_speech(rng, 1, int(rng.integers(20, 80))) for _ in range(8)])
-    stereo = _write(root / "st.ar", [_speech(rng, 2, int(rng.integers(20, 80))) for _ in range(6)])
+    mono = write_shard(
+        root / "mono.ar", [speech_record(rng, 1, int(rng.integers(20, 80))) for _ in range(8)]
+    )
+    stereo = write_shard(
+        root / "st.ar", [speech_record(rng, 2, int(rng.integers(20, 80))) for _ in range(6)]
+    )
     texts = [lay.encode_record({"tokens": np.arange(5, 5 + n, dtype=np.int32)}) for n in (9, 70)]
-    text = _write(root / "text.ar", [*texts, b"a broken record"])
+    text = write_shard(root / "text.ar", [*texts, b"a broken record"])
     return pl.DataConfig(
         text_paths=(text,),
         speech_paths=(mono,),
@@ -58,8 +44,6 @@ def cfg(tmp_path_factory: pytest.TempPathFactory) -> pl.DataConfig:
         duplex_paths=(stereo,),
         weights=(1.0, 1.0, 1.0, 2.0),
         seq_len=SEQ,
-        n_q=K,
-        delays=DELAYS,
         shard_index=0,
         shard_count=1,
     )
@@ -68,7 +52,7 @@ def cfg(tmp_path_factory: pytest.TempPathFactory) -> pl.DataConfig:
 @pytest.fixture(scope="module")
 def examples(cfg: pl.DataConfig) -> list[dict[str, np.ndarray]]:
     """The first examples of the registered mixture."""
-    names = register_tasks(cfg, prefix="sfm_test")
+    names = register_tasks(cfg, LAYOUT, prefix="sfm_test")
     assert names == [*(task_name("sfm_test", s) for s in pl.SOURCES), mixture_name("sfm_test")]
     mixture = seqio.get_mixture_or_task(mixture_name("sfm_test"))
     ds = mixture.get_dataset(None, split="train", shuffle=True, seed=1, num_epochs=None)
@@ -77,7 +61,7 @@ def examples(cfg: pl.DataConfig) -> list[dict[str, np.ndarray]]:
 
 def _records(cfg: pl.DataConfig, source: str) -> list[Any]:
     """The undelayed (tokens, mask) of each good record of a source."""
-    decode, _ = pl.source_fns(cfg, source)
+    decode, _ = pl.source_fns(cfg, LAYOUT, source)
     items = (decode(r) for r in pl.sharded_records(cfg.paths(source), (0, 1)))
     return [item for item in items if item is not None]
 
@@ -86,7 +70,7 @@ def _grain_windows(cfg: pl.DataConfig, source: str, item: Any) -> list[dict[str,
     """Every window the grain pipeline's layout functions can make of one record."""
     tokens, mask = item
     if source != "text":
-        tokens, mask = lay.delay_streams(tokens, mask, cfg.layout())
+        tokens, mask = lay.delay_streams(tokens, mask, LAYOUT)
     starts = range(max(tokens.shape[1] - SEQ, 0) + 1)
     return [lay.crop_or_pad(tokens, mask, SEQ, -1, s) for s in starts]
 
@@ -121,8 +105,8 @@ def test_interleaved_spans(examples: list[dict[str, np.ndarray]]) -> None:
 
 
 def test_registering_twice_replaces(cfg: pl.DataConfig) -> None:
-    register_tasks(cfg, prefix="sfm_twice")
-    mixture = seqio.get_mixture_or_task(register_tasks(cfg, prefix="sfm_twice")[-1])
+    register_tasks(cfg, LAYOUT, prefix="sfm_twice")
+    mixture = seqio.get_mixture_or_task(register_tasks(cfg, LAYOUT, prefix="sfm_twice")[-1])
     rates = {task.name: mixture.get_rate(task) for task in mixture.tasks}
     assert rates == {task_name("sfm_twice", s): w for s, w in zip(pl.SOURCES, cfg.weights)}
 
@@ -132,4 +116,4 @@ def test_missing_seqio_is_one_clear_error(
 ) -> None:
     monkeypatch.setitem(sys.modules, "seqio", None)
     with pytest.raises(SeqioUnavailableError, match=r"pip install 'sfm\[seqio\]'"):
-        register_tasks(cfg)
+        register_tasks(cfg, LAYOUT)

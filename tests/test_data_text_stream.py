@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from sfm.data.text_stream import TEXT_EPAD as E
-from sfm.data.text_stream import TEXT_PAD as P
 from sfm.data.text_stream import place_words, start_frame, text_stream
+from sfm.lm.layout import TEXT_EPAD as E
+from sfm.lm.layout import TEXT_PAD as P
 
 VOCAB = {"a": [10], "bb": [20, 21], "ccc": [30, 31, 32], "": []}
 

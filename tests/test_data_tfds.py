@@ -133,15 +133,15 @@ def _broken_corpus(src: Path) -> tuple[int, dict[str, int]]:
     lines.append(_write(src, "word_outside_audio", pcm, [["w", [0.5, 1.6], "S"]]))
     unsorted = [["a", [0.5, 0.6], "S"], ["b", [0.1, 0.2], "S"]]
     lines.append(_write(src, "words_unsorted", pcm, unsorted))
-    nan = np.full(RATE, np.nan, dtype=np.float32)  # NaN and empty audio count as unreadable
-    sf.write(src / "nan_audio.wav", nan, RATE, subtype="FLOAT")
-    (src / "nan_audio.json").write_text(json.dumps({"alignments": ok}))
-    lines.append(json.dumps({"path": "nan_audio.wav", "duration": 1.0}))
-    lines.append(_write(src, "empty_audio", pcm[:0], ok))
+    nan = np.full(RATE, np.nan, dtype=np.float32)  # a float WAV keeps its NaN samples
+    sf.write(src / "non_finite_audio.wav", nan, RATE, subtype="FLOAT")
+    (src / "non_finite_audio.json").write_text(json.dumps({"alignments": ok}))
+    lines.append(json.dumps({"path": "non_finite_audio.wav", "duration": 1.0}))
+    lines.append(_write(src, "empty_audio", pcm[:0], ok))  # empty audio counts as unreadable
     _manifest(src, lines)
     expected = {r: 1 for r in REASONS if r != "bad_example"}
     expected["bad_manifest_line"] = 2
-    expected["unreadable_audio"] = 3
+    expected["unreadable_audio"] = 2
     return len(lines), expected
 
 
@@ -162,6 +162,23 @@ def test_broken_corpus_counts_every_record(tmp_path: Path, capsys: pytest.Captur
     assert BadRecords.from_json(saved) == bad
     assert main([str(tmp_path / "src"), str(tmp_path / "data")]) == 0
     assert "words_unsorted" in capsys.readouterr().out
+
+
+def test_non_finite_dialogue_is_skipped(tmp_path: Path) -> None:
+    written = _corpus(tmp_path / "src", 2, channels=2)
+    bad_pcm = _pcm(0.8, 2, seed=9).astype(np.float32) / 32768.0
+    bad_pcm[500, 1] = np.inf  # one sample of the user channel only
+    bad_pcm[900, 0] = np.nan
+    sf.write(tmp_path / "src" / "inf.wav", bad_pcm, RATE, subtype="FLOAT")
+    (tmp_path / "src" / "inf.json").write_text(json.dumps({"alignments": _words(0.8, 2, "AB")}))
+    line = json.dumps({"path": "inf.wav", "duration": 0.8})
+    with (tmp_path / "src" / "manifest.jsonl").open("a") as f:
+        f.write(line + "\n")
+    builder, bad = prepare(tmp_path / "src", tmp_path / "data", stereo=True)
+    assert dict(bad) == {"non_finite_audio": 1}
+    assert "inf.wav" in bad.first["non_finite_audio"]
+    assert "NaN or Inf" in str(bad)
+    assert set(_read_all(builder)) == set(written)  # the good records are all kept
 
 
 def test_all_bad_corpus_is_a_clear_error(tmp_path: Path) -> None:

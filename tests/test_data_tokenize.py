@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -10,14 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import soundfile as sf
 from array_record.python.array_record_module import ArrayRecordReader
 
 from sfm.cli import main
-from sfm.codec_files import build_codec, load_run_config
 from sfm.data.dialogues import synth_dialogues
 from sfm.data.synth_corpus import synth_corpus
 from sfm.data.text import sentences
-from sfm.data.text_stream import TEXT_EPAD, TEXT_PAD
 from sfm.data.tfds_speech import prepare
 from sfm.data.tokenize import (
     Summary,
@@ -28,6 +29,8 @@ from sfm.data.tokenize import (
     tokenize_text,
 )
 from sfm.data.tokenizer import EPAD_PIECE, load_tokenizer, train_tokenizer, training_texts
+from sfm.io.codec import build_codec, load_run_config
+from sfm.lm.layout import TEXT_EPAD, TEXT_PAD
 
 PER_SHARD = 3
 
@@ -146,14 +149,16 @@ def test_mono_corpus_dir(corpora: dict[str, Path], tokenizer: Path, tmp_path: Pa
 
 
 class _FakeBuilder:
-    """An in-memory builder: one good and one too-short stereo example."""
+    """An in-memory builder: one good, one too-short and one NaN (float) stereo example."""
 
     class info:  # noqa: N801 - mimics tfds's builder.info.splits
         splits = {"train": None}
 
     def __init__(self, good: dict[str, Any]) -> None:
         short = {**good, "audio": good["audio"][:100], "path": b"short.wav"}
-        self.examples = [good, short]
+        nan = good["audio"].astype(np.float32)
+        nan[10, 1] = np.nan
+        self.examples = [good, short, {**good, "audio": nan, "path": b"nan.wav"}]
 
     def as_data_source(self, split: str) -> list[dict[str, Any]]:
         return self.examples
@@ -164,8 +169,61 @@ def test_bad_examples_are_skipped_and_counted(
 ) -> None:
     fake = _FakeBuilder(builders[1].as_data_source("train")[0])
     summary = tokenize_dataset(fake, tmp_path, "tiny", None, tokenizer, 10, 4)
-    assert summary.skipped == {"too_short": 1} and summary.records["train"] == 1
-    assert "too_short 1" in summary.line()
+    assert summary.skipped == {"too_short": 1, "non_finite_audio": 1}
+    assert summary.records["train"] == 1 and summary.prepare_skipped is None
+    line = summary.line()
+    assert "skipped 2 (prepare: not recorded; tokenize: non_finite_audio 1, too_short 1)" in line
+    assert f"bad records: {tmp_path / 'bad_records.jsonl'};" in line
+    rows = [json.loads(r) for r in (tmp_path / "bad_records.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["path"], r["reason"]) for r in rows] == [
+        ("tokenize", "short.wav", "too_short"),
+        ("tokenize", "nan.wav", "non_finite_audio"),
+    ]
+
+
+def _bad_mono_corpus(good: Path, src: Path) -> list[str]:
+    """Two of `good`'s records plus a NaN WAV, a non-audio WAV (both dropped by prepare) and
+    a 10 ms WAV (prepared, then too short to tokenize); returns the good manifest paths."""
+    entries = [json.loads(line) for line in (good / "manifest.jsonl").read_text().splitlines()]
+    (src / "wav").mkdir(parents=True)
+    lines = []
+    for entry in entries[:2]:
+        for suffix in (".wav", ".json"):
+            shutil.copy(good / Path(entry["path"]).with_suffix(suffix), src / "wav")
+        lines.append(json.dumps(entry))
+    wav, rate = sf.read(good / entries[2]["path"], dtype="float32")
+    wav[rate // 10 :: 997] = np.nan  # float WAVs keep NaN samples
+    sf.write(src / "nan.wav", wav, rate, subtype="FLOAT")
+    (src / "garbage.wav").write_bytes(b"not a wav file" * 20)
+    sf.write(src / "short.wav", np.zeros(rate // 100, np.float32), rate)
+    align = (good / entries[2]["path"]).with_suffix(".json").read_text()
+    (src / "nan.json").write_text(align)
+    (src / "garbage.json").write_text(align)
+    (src / "short.json").write_text(json.dumps({"alignments": [["hi", [0.0, 0.01], "S"]]}))
+    lines += [
+        json.dumps({"path": "nan.wav", "duration": entries[2]["duration"]}),
+        json.dumps({"path": "garbage.wav", "duration": 1.0}),
+        json.dumps({"path": "short.wav", "duration": 0.01}),
+    ]
+    (src / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return [e["path"] for e in entries[:2]]
+
+
+def test_skips_of_both_stages_are_reported(
+    corpora: dict[str, Path], tokenizer: Path, tmp_path: Path
+) -> None:
+    good = _bad_mono_corpus(corpora["mono"], tmp_path / "src")
+    out = tmp_path / "tokens"
+    summary = tokenize_dataset(tmp_path / "src", out, "tiny", None, tokenizer, 100, 8)
+    assert summary.prepare_skipped == {"non_finite_audio": 1, "unreadable_audio": 1}
+    assert summary.skipped == {"too_short": 1} and summary.skipped_total == 3
+    assert sorted(_all_records(out)) == sorted(good) and summary.records.total() == 2
+    prepare_file = next((out / "tfds").rglob("bad_records.json"))
+    assert "nan.wav" in json.loads(prepare_file.read_text())["first"]["non_finite_audio"]
+    line = summary.line()
+    skipped = "prepare: non_finite_audio 1, unreadable_audio 1; tokenize: too_short 1"
+    assert f"skipped 3 ({skipped})" in line
+    assert f"bad records: {prepare_file}, {out / 'bad_records.jsonl'};" in line
 
 
 def test_cli_from_prepared_dir(

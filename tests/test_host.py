@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from sfm import host
 from sfm.host import (
     configure_for_cpu,
     simulated_devices,
@@ -17,6 +18,7 @@ from sfm.host import (
     widen_collective_thread_pool,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 BLOCK_MIB = 96  # above glibc's largest mmap threshold (32 MiB): always mmapped by default
 
 # Allocates, touches and frees one block from a new thread (as XLA:CPU's workers do with an
@@ -102,8 +104,10 @@ def test_simulated_devices_and_the_thread_pool_setting(monkeypatch: pytest.Monke
 # A sharded computation on 8 simulated devices; prints the XLA:CPU worker threads it made.
 POOL_SCRIPT = """
 import collections, os, sys
-if sys.argv[1] == "sfm":
-    import sfm  # noqa: F401
+import sfm  # importing changes nothing process-wide ...
+if sys.argv[1] == "configure":
+    import sfm.host
+    sfm.host.configure()  # ... configure() does
 import jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -115,7 +119,7 @@ print(sum(name.startswith("tf_XLAEigen") for name in names))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc thread names")
-def test_importing_sfm_widens_the_pool_of_a_simulated_mesh() -> None:
+def test_configure_widens_the_pool_of_a_simulated_mesh_and_importing_sfm_does_not() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("NPROC", "SFM_SET_NPROC")}
     env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
@@ -123,6 +127,40 @@ def test_importing_sfm_widens_the_pool_of_a_simulated_mesh() -> None:
         cmd = [sys.executable, "-c", POOL_SCRIPT, mode]
         return int(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout)
 
-    widened = workers("sfm")
+    widened = workers("configure")
     assert widened == max(usable_cpus(), 32)
-    assert workers("jax") < widened  # XLA's default: one per device (or per CPU)
+    assert workers("import") < widened  # XLA's default: one per device (or per CPU)
+
+
+IMPORT_SCRIPT = """
+import os, sys
+before = dict(os.environ)
+import sfm, sfm.config, sfm.cli
+sfm.config.load_config("configs/train/tiny_pretrain.yaml")
+changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))
+heavy = [m for m in ("jax", "flax", "grain", "tensorflow_datasets", "torch") if m in sys.modules]
+print(changed, heavy)
+"""
+
+
+def test_importing_sfm_and_loading_a_preset_change_nothing_and_import_no_frameworks() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "NPROC")}
+    cmd = [sys.executable, "-c", IMPORT_SCRIPT]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[] []"
+
+
+def test_configure_picks_the_cpu_platform_only_without_accelerators(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(host, "cpu_only_host", lambda: False)
+    monkeypatch.setattr(host, "configure_for_cpu", lambda: False)
+    host.configure()
+    assert "JAX_PLATFORMS" not in os.environ
+    monkeypatch.setattr(host, "cpu_only_host", lambda: True)
+    host.configure()
+    assert os.environ["JAX_PLATFORMS"] == "cpu"
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")  # the user's choice wins
+    host.configure()
+    assert os.environ["JAX_PLATFORMS"] == "cuda"

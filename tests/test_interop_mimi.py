@@ -18,7 +18,21 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from interop_helpers import (
+from moshi.models import loaders
+from safetensors.numpy import save_file
+from safetensors.torch import load_file as load_torch_file
+
+from sfm.codec.config import CodecConfig
+from sfm.codec.streaming import StreamingCodec
+from sfm.io.mimi import (
+    export_mimi,
+    import_mimi,
+    model_to_flat,
+    sfm_to_torch,
+    torch_to_sfm,
+)
+from sfm.io.tensors import InteropError
+from sfm.testing.moshi_reference import (
     REDUCED_CONFIG,
     build_moshi_mimi,
     moshi_config,
@@ -27,20 +41,6 @@ from interop_helpers import (
     torch_decode,
     torch_encode,
     torch_stream,
-)
-from moshi.models import loaders
-from safetensors.numpy import save_file
-from safetensors.torch import load_file as load_torch_file
-
-from sfm.codec.config import CodecConfig
-from sfm.codec.streaming import StreamingCodec
-from sfm.interop.mimi import (
-    InteropError,
-    export_mimi,
-    import_mimi,
-    model_to_flat,
-    sfm_to_torch,
-    torch_to_sfm,
 )
 
 BATCH = 2

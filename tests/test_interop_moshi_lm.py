@@ -28,21 +28,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
-from interop_helpers import (  # noqa: E402
-    MOSHI_LM_CONFIGS,
-    MOSHI_TEST_KWARGS,
-    TINY,
-    build_moshi_lm,
-    numpy_state_dict,
-    random_lm_codes,
-)
 from moshi.models import loaders  # noqa: E402
 from moshi.models.lm_utils import _delay_sequence  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 from safetensors.torch import save_file as save_torch_file  # noqa: E402
 
-from sfm.interop.moshi_lm import (  # noqa: E402
-    InteropError,
+from sfm.io.moshi_lm import (  # noqa: E402
     checkpoint_shapes,
     export_moshi_lm,
     import_moshi_lm,
@@ -51,10 +42,19 @@ from sfm.interop.moshi_lm import (  # noqa: E402
     sfm_to_torch,
     torch_to_sfm,
 )
+from sfm.io.tensors import InteropError  # noqa: E402
 from sfm.lm.config import LMConfig  # noqa: E402
+from sfm.lm.layout import delay  # noqa: E402
 from sfm.lm.loss import lm_loss_fn  # noqa: E402
 from sfm.lm.model import param_count  # noqa: E402
-from sfm.lm.streams import delay  # noqa: E402
+from sfm.testing.moshi_reference import (  # noqa: E402
+    MOSHI_LM_CONFIGS,
+    MOSHI_TEST_KWARGS,
+    TINY,
+    build_moshi_lm,
+    numpy_state_dict,
+    random_lm_codes,
+)
 
 BATCH = 2
 FRAMES = 12

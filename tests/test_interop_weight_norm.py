@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sfm.interop.mimi import _fold_weight_norm
+from sfm.io.mimi import _fold_weight_norm
 
 
 def test_fold_matches_torch_weight_norm():

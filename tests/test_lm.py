@@ -14,9 +14,9 @@ import pytest
 from flax import nnx
 
 from sfm.config import ConfigError, load_config
-from sfm.data.layout import INITIAL, StreamLayout, crop_or_pad, delay_streams, to_streams
 from sfm.lm.config import LMConfig
 from sfm.lm.layers import LayerStack, StepLinear
+from sfm.lm.layout import INITIAL, StreamLayout, crop_or_pad, delay_streams, to_streams
 from sfm.lm.lora import LoRAParam, apply_lora, merge_lora
 from sfm.lm.loss import cross_entropy, lm_loss, lm_loss_fn
 from sfm.lm.model import LM, LMOutput, param_count

@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sfm.data.layout import IGNORE, INITIAL
 from sfm.lm.config import DepthConfig, LMConfig, TemporalConfig, moshi_delays
 from sfm.lm.generate import Generator, GenState, SamplingConfig, generate
+from sfm.lm.layout import IGNORE, INITIAL, delay
 from sfm.lm.model import LM
-from sfm.lm.streams import delay
 
 TEMPORAL = TemporalConfig(
     dim=64, num_heads=4, num_layers=2, dim_feedforward=256, context=32, remat="none"

@@ -16,11 +16,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from interop_helpers import MOSHI_LM_CONFIGS, build_moshi_lm, numpy_state_dict  # noqa: E402
 from moshi.models.lm import LMGen  # noqa: E402
 
-from sfm.interop.moshi_lm import import_moshi_lm  # noqa: E402
+from sfm.io.moshi_lm import import_moshi_lm  # noqa: E402
 from sfm.lm.generate import Generator, SamplingConfig  # noqa: E402
+from sfm.testing.moshi_reference import MOSHI_LM_CONFIGS, build_moshi_lm, numpy_state_dict  # noqa: E402
 
 BATCH = 2
 FRAMES = 60

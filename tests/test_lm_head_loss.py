@@ -16,10 +16,10 @@ import pytest
 from flax import nnx
 
 from sfm.config import load_config
-from sfm.data.layout import INITIAL
 from sfm.lm import loss as lm_losses
 from sfm.lm.config import LMConfig
 from sfm.lm.head_loss import head_cross_entropy
+from sfm.lm.layout import INITIAL
 from sfm.lm.lora import apply_lora
 from sfm.lm.loss import cross_entropy, lm_loss
 from sfm.lm.model import LM

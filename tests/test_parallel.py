@@ -18,13 +18,12 @@ from flax import nnx
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from sfm.parallel import (
-    DEFAULT_RULES,
-    MeshConfig,
+from sfm.parallel.config import DEFAULT_RULES, MeshConfig
+from sfm.parallel.distributed import initialize_from_env
+from sfm.parallel.mesh import build_mesh
+from sfm.parallel.rules import (
     activation_constraint,
     batch_sharding,
-    build_mesh,
-    initialize_from_env,
     logical_to_mesh_spec,
     param_shardings,
     shard_model,
@@ -240,7 +239,9 @@ _WORKER = textwrap.dedent(
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from sfm.parallel import MeshConfig, build_mesh, initialize_from_env
+    from sfm.parallel.config import MeshConfig
+    from sfm.parallel.distributed import initialize_from_env
+    from sfm.parallel.mesh import build_mesh
 
     jax.config.update("jax_num_cpu_devices", 2)
     info = initialize_from_env()

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -16,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from array_record.python.array_record_module import ArrayRecordWriter
 
 from sfm.config import Config, load_config
-from sfm.data import layout as lay
+from sfm.testing.records import speech_record, write_shard
 from sfm.train.loop import train
+from sfm.train.metrics import drop_steps_after
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "configs" / "train" / "tiny_pretrain.yaml"
@@ -30,17 +31,12 @@ STEPS = 6
 def _write_shard(path: Path, channels: int, n: int, seed: int) -> str:
     """n random tokenized records (tiny vocabularies of 64) in one ArrayRecord file."""
     rng = np.random.default_rng(seed)
-    writer = ArrayRecordWriter(str(path), "group_size:1")
+    records = []
     for j in range(n):
         frames = int(rng.integers(40, 90))
-        text = rng.integers(4, 64, size=(channels, frames)).astype(np.int32)
-        text[rng.random((channels, frames)) < 0.4] = lay.TEXT_PAD
-        text[rng.random((channels, frames)) < 0.1] = lay.TEXT_EPAD
-        codes = rng.integers(0, 64, size=(channels, 4, frames)).astype(np.int16)
-        record = {"codes": codes, "text": text, "frame_rate": 12.5, "path": f"u{j}.wav"}
-        writer.write(lay.encode_record(record))
-    writer.close()
-    return str(path)
+        kw = {"n_q": 4, "card": 64, "text_vocab": 64, "p_pad": 0.4, "p_epad": 0.1}
+        records.append(speech_record(rng, channels, frames, **kw, path=f"u{j}.wav"))
+    return write_shard(path, records, "group_size:1")
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +64,30 @@ def _config(overrides: list[str], out: Path, *extra: str) -> Config:
 
 
 def _losses(out: Path) -> dict[int, float]:
-    """step -> loss from metrics.jsonl; a step logged twice (a resumed run) keeps its last."""
+    """step -> loss from metrics.jsonl, which logs each step once, in order (a resumed run
+    drops the records of the steps it replays)."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)), f"steps logged twice or out of order: {steps}"
     return {r["step"]: r["loss"] for r in rows}
+
+
+def _tensorboard_steps(log_dir: Path, tag: str) -> list[int]:
+    """The steps of `tag` as TensorBoard shows them: event files in name (time) order, where a
+    SessionLog START at step s (tensorboardX's purge_step) hides the events of steps >= s."""
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    steps: list[int] = []
+    for path in sorted(log_dir.glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):  # TFRecords: length (u64), crc (u32), event, crc (u32)
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            event = Event.FromString(data[i + 12 : i + 12 + n])
+            i += 12 + n + 4
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                steps = [s for s in steps if s < event.step]
+            steps += [event.step for v in event.summary.value if v.tag == tag]
+    return steps
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +190,39 @@ def test_unreadable_latest_checkpoint_falls_back_to_previous(
     assert _losses(run) == _losses(reference)
 
 
+def test_resume_says_where_from_and_logs_replayed_steps_once(
+    overrides: list[str], reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Killed after logging step STEPS, before its checkpoint was final: the rerun resumes at
+    STEPS - 2, says so in one line, and steps STEPS - 1 and STEPS end up logged once."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    shutil.rmtree(run / "checkpoints" / str(STEPS))
+    capsys.readouterr()
+    summary = train(
+        _config(overrides, run, "mesh.ici_data=2", "mesh.ici_fsdp=2", "mesh.ici_tensor=2")
+    )
+    assert summary.first_step == STEPS - 2
+    said = [line for line in capsys.readouterr().out.splitlines() if "resumed" in line]
+    assert said == [f"resumed from {run / 'checkpoints'} at step {STEPS - 2}"]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))
+    assert _losses(run) == _losses(reference)
+    assert _tensorboard_steps(run / "tensorboard", "train/loss") == list(range(1, STEPS + 1))
+
+
+def test_drop_steps_after_keeps_the_restored_steps(tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 8)]
+    metrics.write_text("".join(rows) + '{"step": 8, "lo')  # the kill cut step 8's record
+    assert drop_steps_after(metrics, 4) == 4
+    assert metrics.read_text() == "".join(rows[:4])
+    assert drop_steps_after(metrics, 4) == 0
+    assert drop_steps_after(tmp_path / "absent.jsonl", 4) == 0
+    assert drop_steps_after(metrics, 0) == 4
+    assert metrics.read_text() == ""
+
+
 def test_restore_onto_a_different_mesh(
     overrides: list[str], reference: Path, tmp_path: Path
 ) -> None:
@@ -213,6 +263,7 @@ def test_two_hosts_match_one_host(overrides: list[str], reference: Path, tmp_pat
                 p.kill()
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
+    assert "global batch 8 (4 rows on each of 2 hosts, 8 devices)" in outputs[0]
     two, one = _losses(tmp_path), _losses(reference)
     assert sorted(two) == sorted(one)
     np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=0, atol=1e-5)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
+# (window size, mel bands) of each log-mel scale; the hop is a quarter window.
+MEL_SCALES: tuple[tuple[int, int], ...] = ((512, 64), (1024, 80), (2048, 128))
+
 
 @dataclasses.dataclass(frozen=True)
 class SeanetConfig:
@@ -101,3 +104,14 @@ class CodecConfig:
     def frame_size(self) -> int:
         """Samples per codec frame (1920 = 80 ms for Mimi)."""
         return int(self.sample_rate / self.frame_rate)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscConfig:
+    """Sub-discriminators: one STFT discriminator per FFT size, one period one per period."""
+
+    n_ffts: tuple[int, ...] = (2048, 1024, 512)
+    filters: int = 32
+    dilations: tuple[int, ...] = (1, 2, 4)
+    periods: tuple[int, ...] = ()
+    period_filters: int = 32

@@ -9,53 +9,19 @@ convolves along time only. Layouts are NHWC: [batch, time, frequency or period, 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sfm.codec.config import DiscConfig
+from sfm.codec.mel import stft
 from sfm.nn import init
 
 Logits = list[jax.Array]
 Features = list[list[jax.Array]]
 LEAK = 0.2
-
-
-@dataclasses.dataclass(frozen=True)
-class DiscConfig:
-    """Sub-discriminators: one STFT discriminator per FFT size, one period one per period."""
-
-    n_ffts: tuple[int, ...] = (2048, 1024, 512)
-    filters: int = 32
-    dilations: tuple[int, ...] = (1, 2, 4)
-    periods: tuple[int, ...] = ()
-    period_filters: int = 32
-
-
-def _frames(wav_bt: jax.Array, n_fft: int, hop: int) -> jax.Array:
-    """[B, T] -> [B, frames, n_fft] windows every `hop` samples (n_fft a multiple of hop)."""
-    if n_fft % hop:
-        raise ValueError(f"stft: n_fft {n_fft} is not a multiple of the hop {hop}")
-    r, b = n_fft // hop, wav_bt.shape[0]
-    n = max(1 + (wav_bt.shape[1] - n_fft) // hop, 1)
-    wav_bt = jnp.pad(wav_bt, ((0, 0), (0, max((n + r - 1) * hop - wav_bt.shape[1], 0))))
-    blocks = wav_bt[:, : (n + r - 1) * hop].reshape(b, n + r - 1, hop)
-    return jnp.concatenate([blocks[:, i : i + n] for i in range(r)], axis=-1)
-
-
-def hann(n: int) -> jax.Array:
-    """Periodic Hann window."""
-    return 0.5 - 0.5 * jnp.cos(2.0 * jnp.pi * jnp.arange(n) / n)
-
-
-def stft(wav_bt: jax.Array, n_fft: int, hop: int, center: bool = True) -> jax.Array:
-    """Complex STFT [B, frames, n_fft // 2 + 1] with a periodic Hann window; `center` pads
-    n_fft // 2 zeros on both sides (frame i is centred on sample i * hop)."""
-    if center:
-        wav_bt = jnp.pad(wav_bt, ((0, 0), (n_fft // 2, n_fft // 2)))
-    return jnp.fft.rfft(_frames(wav_bt, n_fft, hop) * hann(n_fft), axis=-1)
 
 
 class Conv2d(nnx.Module):
@@ -74,9 +40,9 @@ class Conv2d(nnx.Module):
         bound = 1.0 / math.sqrt(in_channels * kernel[0] * kernel[1])
         shape = (*kernel, in_channels, out_channels)
         axes = ("conv_kernel", "conv_kernel", "conv_in", "conv_out")
-        self.kernel = nnx.Param(init.uniform(rngs, shape, bound, "float32"), out_sharding=axes)
+        self.kernel = nnx.Param(init.uniform(rngs, shape, bound, "float32"), **init.logical(axes))
         bias = init.uniform(rngs, (out_channels,), bound, "float32")
-        self.bias = nnx.Param(bias, out_sharding=("conv_out",))
+        self.bias = nnx.Param(bias, **init.logical(("conv_out",)))
         self.stride, self.dilation = stride, dilation
 
     def __call__(self, x: jax.Array) -> jax.Array:

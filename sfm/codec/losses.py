@@ -1,8 +1,8 @@
 """Codec training losses: multi-scale mel reconstruction, hinge adversarial, feature
 matching and semantic distillation from a frozen teacher.
 
-The mel loss is the training twin of `sfm.eval.codec_metrics.mel_distance`: the same
-filterbank, window, hop and log floor, so its value reads on the same scale.
+The mel loss and `sfm.eval.codec_metrics.mel_distance` share one log-mel (`sfm.codec.mel`),
+so the loss reads on the metric's scale.
 """
 
 from __future__ import annotations
@@ -15,21 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sfm.codec.discriminator import Features, Logits, stft
-from sfm.eval.codec_metrics import LOG_FLOOR, MEL_SCALES, mel_filterbank
+from sfm.codec.config import MEL_SCALES
+from sfm.codec.discriminator import Features, Logits
+from sfm.codec.mel import log_mel
 
 _EPS = 1e-8
 
 
 # ---- reconstruction ---------------------------------------------------------------------
-
-
-def log_mel(wav_bt: jax.Array, sample_rate: int, n_fft: int, n_mels: int) -> jax.Array:
-    """log10 mel magnitude [B, frames, n_mels] (centred frames, hop n_fft // 4), floored."""
-    spec = stft(wav_bt, n_fft, n_fft // 4)
-    mag = jnp.sqrt(jnp.square(spec.real) + jnp.square(spec.imag) + 1e-12)
-    fb = jnp.asarray(mel_filterbank(sample_rate, n_fft, n_mels).T, jnp.float32)
-    return jnp.log10(jnp.maximum(mag @ fb, LOG_FLOOR))
 
 
 def mel_loss(
@@ -119,9 +112,7 @@ class MelTeacher:
         self.proj = (rng.standard_normal((n_mels, dim)) / np.sqrt(n_mels)).astype(np.float32)
 
     def __call__(self, wav_bt: jax.Array) -> jax.Array:
-        spec = stft(wav_bt, 2 * self.hop, self.hop)
-        fb = jnp.asarray(mel_filterbank(self.sample_rate, 2 * self.hop, self.n_mels).T)
-        mel = jnp.log10(jnp.maximum(jnp.abs(spec) @ fb, LOG_FLOOR))
+        mel = log_mel(wav_bt, self.sample_rate, 2 * self.hop, self.n_mels, self.hop)
         mel = mel - jnp.mean(mel, axis=1, keepdims=True)
         return mel @ jnp.asarray(self.proj)
 

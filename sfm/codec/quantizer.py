@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sfm.codec.config import QuantizerConfig
-from sfm.nn.init import normal
+from sfm.nn.init import logical, normal
 from sfm.nn.linear import Linear
 
 
@@ -43,10 +43,10 @@ class EuclideanCodebook(nnx.Module):
         self.cfg = cfg
         shape = (cfg.bins, cfg.dimension)
         self.embedding_sum = CodebookStat(
-            normal(rngs, shape), out_sharding=("codebook_entries", "codebook_dim")
+            normal(rngs, shape), **logical(("codebook_entries", "codebook_dim"))
         )
-        self.cluster_usage = CodebookStat(jnp.ones((cfg.bins,)), out_sharding=("codebook_entries",))
-        self.initialized = CodebookStat(jnp.zeros((1,)), out_sharding=(None,))
+        self.cluster_usage = CodebookStat(jnp.ones((cfg.bins,)), **logical(("codebook_entries",)))
+        self.initialized = CodebookStat(jnp.zeros((1,)), **logical((None,)))
 
     centroids: FrozenCentroids | None = None
     sq_norms: FrozenCentroids | None = None

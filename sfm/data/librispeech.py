@@ -53,7 +53,7 @@ def _speech_24k(speech: Any, where: str) -> np.ndarray:
     if np.issubdtype(pcm.dtype, np.integer):
         wav /= 32768.0
     if not np.isfinite(wav).all():
-        raise BadRecord("unreadable_audio", f"{where} (NaN or Inf samples)")
+        raise BadRecord("non_finite_audio", f"{where} (NaN or Inf samples)")
     out = np.round(resample(wav, LIBRISPEECH_RATE, SAMPLE_RATE) * 32768.0)
     return np.clip(out, -32768, 32767).astype(np.int16)[:, None]
 

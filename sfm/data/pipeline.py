@@ -3,29 +3,28 @@
 Every stage is a deterministic function of (seed, element index), so a batch iterator's
 ``get_state()`` / ``set_state()`` resumes exactly, with or without worker processes.
 Each element is {"tokens": int32 [S, seq_len], "mask": bool [S, seq_len], "source": int32};
-batches stack them to [B, S, seq_len] (see sfm.data.layout for the stream conventions).
+batches stack them to [B, S, seq_len] (see sfm.lm.layout for the stream conventions).
 Records that cannot be decoded are skipped, logged and counted by BAD_REASONS key
 (``bad_record_counts()``; in-process only, see BAD_RECORDS).
 """
 
 from __future__ import annotations
 
-import glob
 import logging
 import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import grain
 import numpy as np
 
-from sfm.data import layout as lay
+from sfm.data.config import SOURCES, DataConfig
+from sfm.errors import SfmError
+from sfm.lm import layout as lay
 
 log = logging.getLogger(__name__)
-SOURCES = ("text", "speech", "interleaved", "duplex")
 BAD_REASONS = {
     "bad_npz": "bytes that np.load cannot read",
     "missing_key": "an npz without codes/text (speech) or tokens (text)",
@@ -35,37 +34,8 @@ BAD_REASONS = {
 Element = dict[str, np.ndarray]
 
 
-class DataError(ValueError):
+class DataError(SfmError, ValueError):
     """Data settings that select nothing to read; the message names the keys."""
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Shard globs and weight per source, window, global batch, seed, layout, host sharding."""
-
-    text_paths: tuple[str, ...] = ()
-    speech_paths: tuple[str, ...] = ()
-    interleaved_paths: tuple[str, ...] = ()
-    duplex_paths: tuple[str, ...] = ()
-    weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
-    seq_len: int = 250
-    batch_size: int = 8
-    seed: int = 0
-    n_q: int = 8
-    delays: tuple[int, ...] = field(default_factory=lambda: lay.moshi_delays(8))
-    p_text_span: float = 0.5
-    shard_index: int | None = None
-    shard_count: int | None = None
-    num_workers: int = 0
-
-    def layout(self) -> lay.StreamLayout:
-        """The stream layout these settings describe."""
-        return lay.StreamLayout(n_q=self.n_q, delays=self.delays)
-
-    def paths(self, source: str) -> tuple[str, ...]:
-        """Shard files of one source, globs expanded, sorted."""
-        globs = getattr(self, f"{source}_paths")
-        return tuple(sorted({p for g in globs for p in glob.glob(g)}))
 
 
 def host_shard(cfg: DataConfig) -> tuple[int, int]:
@@ -207,9 +177,11 @@ def window(
     return out
 
 
-def source_fns(cfg: DataConfig, source: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+def source_fns(
+    cfg: DataConfig, layout: lay.StreamLayout, source: str
+) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """(decode, window) of one source: bytes -> (tokens, mask) | None; (item, rng) -> Element."""
-    layout, k = cfg.layout(), SOURCES.index(source)
+    k = SOURCES.index(source)
     decode = decode_text if source == "text" else decode_av
     fn = partial(
         window,
@@ -223,16 +195,22 @@ def source_fns(cfg: DataConfig, source: str) -> tuple[Callable[..., Any], Callab
 
 
 def source_dataset(
-    cfg: DataConfig, source: str, records: grain.MapDataset, shuffle_seed: int
+    cfg: DataConfig,
+    layout: lay.StreamLayout,
+    source: str,
+    records: grain.MapDataset,
+    shuffle_seed: int,
 ) -> grain.MapDataset:
     """One source: per-epoch shuffle, infinite repeat, decode, layout and window."""
-    decode, fn = source_fns(cfg, source)
+    decode, fn = source_fns(cfg, layout, source)
     ds = records.shuffle(seed=shuffle_seed).repeat()
     return ds.map(decode).random_map(fn, seed=cfg.seed * 1009 + SOURCES.index(source))
 
 
 def mixture(
-    cfg: DataConfig, text_sequences: Sequence[np.ndarray] | None = None
+    cfg: DataConfig,
+    layout: lay.StreamLayout,
+    text_sequences: Sequence[np.ndarray] | None = None,
 ) -> grain.MapDataset:
     """Weighted, infinite MapDataset of single elements over the non-empty sources: the
     global stream, the same on every host."""
@@ -243,7 +221,7 @@ def mixture(
             records = grain.MapDataset.source(list(text_sequences))
         if records is None or weight <= 0 or len(records) == 0:
             continue
-        parts.append(source_dataset(cfg, source, records, cfg.seed * 7919 + k))
+        parts.append(source_dataset(cfg, layout, source, records, cfg.seed * 7919 + k))
         weights.append(weight)
     if not parts:
         raise DataError(
@@ -286,11 +264,13 @@ def _ensure_absl_flags() -> None:
 
 
 def build_dataset(
-    cfg: DataConfig, text_sequences: Sequence[np.ndarray] | None = None
+    cfg: DataConfig,
+    layout: lay.StreamLayout,
+    text_sequences: Sequence[np.ndarray] | None = None,
 ) -> grain.IterDataset:
-    """This host's rows of each global batch of `cfg.batch_size`, as an IterDataset of
-    {"tokens" [b,S,T], "mask" [b,S,T], "source" [b]} with b = batch_size / hosts."""
-    rows = HostRows(mixture(cfg, text_sequences), cfg.batch_size, host_shard(cfg))
+    """This host's rows of each global batch of `cfg.batch_size`, records in `layout`, as an
+    IterDataset of {"tokens" [b,S,T], "mask" [b,S,T], "source" [b]}, b = batch_size / hosts."""
+    rows = HostRows(mixture(cfg, layout, text_sequences), cfg.batch_size, host_shard(cfg))
     ds = rows.to_iter_dataset().batch(rows.rows, drop_remainder=True)
     if cfg.num_workers > 0:
         _ensure_absl_flags()

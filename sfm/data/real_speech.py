@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from sfm.audio import load_audio, resample, save_audio
+from sfm.errors import SfmError
 
 SAMPLE_RATE = 24000
 ALSA_DIR = Path("/usr/share/sounds/alsa")
@@ -29,7 +30,7 @@ CODEC2_SPEECH = (
 PACKAGES = {"alsa": "alsa-utils", "ktuberling": "ktuberling-data", "codec2": "codec2-examples"}
 
 
-class EvalSetError(ValueError):
+class EvalSetError(SfmError, ValueError):
     """The Debian packages holding the recordings are missing; the message names them."""
 
 

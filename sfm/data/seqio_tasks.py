@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from sfm.data import pipeline as pl
+from sfm.data.config import DataConfig
+from sfm.lm.layout import StreamLayout
 
 SPLITS = ("train",)
 SHUFFLE_BUFFER = 256
@@ -56,7 +58,7 @@ def output_features(seqio: Any, tf: Any) -> dict[str, Any]:
     }
 
 
-def records_fn(cfg: pl.DataConfig, source: str, tf: Any) -> Any:
+def records_fn(cfg: DataConfig, source: str, tf: Any) -> Any:
     """dataset_fn(split, shuffle_files, seed) of a source: its raw records on this host."""
     records = pl.sharded_records(cfg.paths(source), pl.host_shard(cfg))
     signature = {"record": tf.TensorSpec((), tf.string)}
@@ -73,26 +75,28 @@ def records_fn(cfg: pl.DataConfig, source: str, tf: Any) -> Any:
 
 
 def numpy_element(
-    cfg: pl.DataConfig, source: str, data: bytes, seed: np.ndarray
+    cfg: DataConfig, layout: StreamLayout, source: str, data: bytes, seed: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.bool_]:
     """(tokens, mask, ok) of one record, windowed with an rng seeded by `seed`."""
-    decode, window = pl.source_fns(cfg, source)
+    decode, window = pl.source_fns(cfg, layout, source)
     item = decode(bytes(data))
     element = window(item, np.random.default_rng(np.asarray(seed).astype(np.uint32)))
     if element is None:
-        shape = (cfg.layout().n_streams, cfg.seq_len)
+        shape = (layout.n_streams, cfg.seq_len)
         return np.full(shape, -1, np.int32), np.zeros(shape, bool), np.bool_(False)
     return element["tokens"], element["mask"], np.bool_(True)
 
 
-def layout_preprocessor(cfg: pl.DataConfig, source: str, seqio: Any, tf: Any) -> Any:
+def layout_preprocessor(
+    cfg: DataConfig, layout: StreamLayout, source: str, seqio: Any, tf: Any
+) -> Any:
     """A seeded seqio preprocessor: record -> windowed streams; bad records dropped."""
-    shape, k = (cfg.layout().n_streams, cfg.seq_len), pl.SOURCES.index(source)
+    shape, k = (layout.n_streams, cfg.seq_len), pl.SOURCES.index(source)
 
     @seqio.map_over_dataset(num_seeds=1)
     def to_streams(ex: dict[str, Any], seed: Any) -> dict[str, Any]:
         out = tf.numpy_function(
-            lambda data, s: numpy_element(cfg, source, data, s),
+            lambda data, s: numpy_element(cfg, layout, source, data, s),
             [ex["record"], seed],
             [tf.int32, tf.bool, tf.bool],
             stateful=False,
@@ -113,8 +117,9 @@ def _replace(registry: Any, name: str) -> None:
         registry.remove(name)
 
 
-def register_tasks(cfg: pl.DataConfig, prefix: str = "sfm") -> list[str]:
-    """Register a Task per source with shards and weight, then their Mixture; returns names."""
+def register_tasks(cfg: DataConfig, layout: StreamLayout, prefix: str = "sfm") -> list[str]:
+    """Register a Task per source with shards and weight (records read in `layout`), then
+    their Mixture; returns the names."""
     seqio, tf = _seqio()
     features, names, rates = output_features(seqio, tf), [], []
     for source, weight in zip(pl.SOURCES, cfg.weights):
@@ -125,14 +130,16 @@ def register_tasks(cfg: pl.DataConfig, prefix: str = "sfm") -> list[str]:
         seqio.TaskRegistry.add(
             name,
             source=seqio.FunctionDataSource(records_fn(cfg, source, tf), splits=SPLITS),
-            preprocessors=[layout_preprocessor(cfg, source, seqio, tf)],
+            preprocessors=[layout_preprocessor(cfg, layout, source, seqio, tf)],
             output_features=features,
             shuffle_buffer_size=SHUFFLE_BUFFER,
         )
         names.append(name)
         rates.append((name, float(weight)))
     if not names:
-        raise ValueError("DataConfig: no source has both shards and a positive weight")
+        raise pl.DataError(
+            "data: no source has both shard files (data.*_paths) and a positive data.weights entry"
+        )
     _replace(seqio.MixtureRegistry, mixture_name(prefix))
     seqio.MixtureRegistry.add(mixture_name(prefix), rates)
     return [*names, mixture_name(prefix)]

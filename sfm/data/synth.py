@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from sfm.audio import resample
+from sfm.errors import SfmError
 
 ESPEAK_ACCENTS = (
     "en",
@@ -36,7 +37,7 @@ _WORD_RE = re.compile(r"\S+")
 _EDGE_PUNCT = "\"'.,;:!?()[]{}-"
 
 
-class SynthError(ValueError):
+class SynthError(SfmError, ValueError):
     """A missing engine, unknown voice or failed synthesis; the message is one line."""
 
 

@@ -13,8 +13,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-TEXT_EPAD = 0  # end of padding: "a word starts on the next frame" (Moshi's id)
-TEXT_PAD = 3  # nothing said on this frame (Moshi's id)
+from sfm.lm.layout import TEXT_EPAD, TEXT_PAD
 
 TimedWord = tuple[str, float, float]  # word, start_s, end_s
 

@@ -31,7 +31,8 @@ import numpy as np
 import soundfile as sf
 import tensorflow_datasets as tfds
 
-from sfm.audio import AudioError, PathLike, load_audio
+from sfm.audio import AudioError, NonFiniteAudioError, PathLike, load_audio
+from sfm.errors import SfmError
 
 SAMPLE_RATE = 24000
 DURATION_TOLERANCE_S = 0.1  # manifest duration vs. the audio's own length
@@ -42,7 +43,8 @@ REASONS: dict[str, str] = {
     "bad_manifest_line": "manifest line is not JSON with a 'path' string and 'duration' number",
     "duplicate_path": "the manifest lists this path already (the first one is kept)",
     "missing_audio": "audio file listed in the manifest does not exist",
-    "unreadable_audio": "audio is corrupt, empty, not audio, or has NaN/Inf samples",
+    "unreadable_audio": "audio is corrupt, empty, or not audio",
+    "non_finite_audio": "audio has NaN or Inf samples",
     "truncated_audio": "WAV header declares more data than the file holds",
     "wrong_sample_rate": f"sample rate is not {SAMPLE_RATE} Hz (not resampled silently)",
     "channel_mismatch": "channel count does not match the builder (mono vs stereo)",
@@ -71,7 +73,7 @@ class BadRecord(Exception):
         self.detail = detail
 
 
-class CorpusError(ValueError):
+class CorpusError(SfmError, ValueError):
     """A corpus with no manifest or no usable record at all; the message says why."""
 
 
@@ -167,10 +169,15 @@ def load_audio_tc(path: Path, channels: int) -> np.ndarray:
         raise BadRecord("channel_mismatch", f"{path} ({info.channels} channels)")
     try:
         cols = [load_audio(path, SAMPLE_RATE, channel=c) for c in range(channels)]
+    except NonFiniteAudioError as e:
+        raise BadRecord("non_finite_audio", str(e)) from None
     except AudioError as e:
         reason = "truncated_audio" if "truncated" in str(e) else "unreadable_audio"
         raise BadRecord(reason, str(e)) from None
-    pcm = np.round(np.stack(cols, axis=1) * 32768.0)
+    audio_tc = np.stack(cols, axis=1)
+    if not np.isfinite(audio_tc).all():  # the int16 cast below would hide NaN/Inf as noise
+        raise BadRecord("non_finite_audio", f"{path}: audio contains NaN or Inf samples")
+    pcm = np.round(audio_tc * 32768.0)
     return np.clip(pcm, -32768, 32767).astype(np.int16)
 
 

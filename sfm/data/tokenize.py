@@ -14,6 +14,11 @@ Shards are `<split>-<i:05d>-of-<n:05d>.array_record`. Hosts take every process_c
 shard; within a host each codec batch is sharded over the local devices. A shard is written
 under a temporary name and renamed when complete, so a rerun skips the shards already there.
 
+Records are skipped at two stages: `prepare` (sfm.data.tfds_speech) counts the corpus's bad
+records by reason in `bad_records.json` beside the prepared data; this stage skips examples
+it cannot encode (SKIP_REASONS) and appends one JSON line per skipped example to
+`bad_records.jsonl` in the output directory. The summary line reports both stages.
+
 `tokenize_text` does the same for plain text (one document or sentence per line): lines are
 SentencePiece-encoded, packed into sequences and written as `text-<i>-of-<n>.array_record`
 shards of `np.savez` records holding `tokens` int32 [T].
@@ -21,7 +26,7 @@ shards of `np.savez` records holding `tokens` int32 [T].
 
 from __future__ import annotations
 
-import io
+import json
 import math
 import os
 import time
@@ -42,10 +47,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sfm.audio import PathLike
 from sfm.codec.model import Mimi
-from sfm.codec_files import build_codec, load_run_config
-from sfm.data.text_stream import TEXT_EPAD, TEXT_PAD, TimedWord, place_words
-from sfm.data.tfds_speech import prepare
+from sfm.data.text_stream import TimedWord, place_words
+from sfm.data.tfds_speech import BAD_RECORDS_FILE, BadRecords, prepare
 from sfm.data.tokenizer import encode_word, load_tokenizer
+from sfm.errors import SfmError
+from sfm.io.codec import build_codec, load_run_config
+from sfm.lm.layout import TEXT_EPAD, TEXT_PAD, decode_record, encode_record
 
 USER_SPEAKER = "SPEAKER_USER"
 MIN_BUCKET_FRAMES = 16
@@ -54,10 +61,12 @@ WRITER_OPTIONS = "group_size:1"  # one record per chunk: cheap random access for
 SKIP_REASONS = {
     "too_short": "audio is shorter than one codec frame",
     "bad_channels": "audio has neither one nor two channels",
+    "non_finite_audio": "audio has NaN or Inf samples",
 }
+TOKENIZE_BAD_RECORDS_FILE = "bad_records.jsonl"  # this stage's skips, one JSON line each
 
 
-class TokenizeError(ValueError):
+class TokenizeError(SfmError, ValueError):
     """Input that cannot be tokenized at all; the message names the directory."""
 
 
@@ -68,9 +77,18 @@ class DataSource(Protocol):
     def __getitem__(self, i: int) -> dict[str, Any]: ...
 
 
+def _counts(counts: Counter[str]) -> str:
+    """`key n, key n` sorted by key, or "none"."""
+    return ", ".join(f"{k} {n}" for k, n in sorted(counts.items()) if n) or "none"
+
+
 @dataclass
 class Summary:
-    """What one tokenization run did (shards skipped as complete are not re-counted)."""
+    """What one tokenization run did (shards skipped as complete are not re-counted).
+
+    `skipped` is this stage's skips in the shards written this run; `prepare_skipped` is what
+    the prepare stage skipped (from its bad_records.json files; None when no builder has one).
+    """
 
     out_dir: Path
     records: Counter[str] = field(default_factory=Counter)  # per split, written this run
@@ -79,14 +97,24 @@ class Summary:
     shards_done_before: int = 0
     dropped_tokens: int = 0
     seconds: float = 0.0
+    prepare_skipped: Counter[str] | None = None  # by tfds_speech.REASONS key
+    bad_records_files: list[Path] = field(default_factory=list)  # both stages' files
+
+    @property
+    def skipped_total(self) -> int:
+        """Records skipped at every stage."""
+        return self.skipped.total() + (self.prepare_skipped or Counter()).total()
 
     def line(self) -> str:
         """One-line report for the command line."""
         records = ", ".join(f"{s} {n}" for s, n in sorted(self.records.items())) or "none"
-        skipped = ", ".join(f"{r} {n}" for r, n in sorted(self.skipped.items())) or "none"
+        prep = "not recorded" if self.prepare_skipped is None else _counts(self.prepare_skipped)
+        skipped = f"{self.skipped_total} (prepare: {prep}; tokenize: {_counts(self.skipped)})"
+        files = ", ".join(str(p) for p in self.bad_records_files) or "none"
         return (
             f"{self.out_dir}: records {records}; shards written {self.shards_written}, "
             f"already complete {self.shards_done_before}; skipped {skipped}; "
+            f"bad records: {files}; "
             f"text tokens dropped past the end {self.dropped_tokens}; {self.seconds:.1f} s"
         )
 
@@ -122,6 +150,25 @@ def resolve_builders(data: Any, out_dir: Path) -> list[Any]:
     if not info_dirs:
         raise TokenizeError(f"{path}: neither a corpus (manifest.jsonl) nor a prepared tfds dir")
     return [tfds.builder_from_directory(str(d)) for d in info_dirs]
+
+
+def prepare_bad_records(builders: Sequence[Any]) -> tuple[Counter[str] | None, list[Path]]:
+    """What the prepare stage skipped, summed over builders, and the files that say so.
+
+    `prepare` writes BAD_RECORDS_FILE into each builder's data_dir; the counts are None when no
+    builder has one (an in-memory builder, or data prepared by other code).
+    """
+    counts: Counter[str] | None = None
+    files = []
+    for builder in builders:
+        data_dir = getattr(builder, "data_dir", None)
+        path = Path(data_dir) / BAD_RECORDS_FILE if data_dir else None
+        if path is None or not path.is_file():
+            continue
+        counts = Counter() if counts is None else counts
+        counts.update(BadRecords.from_json(json.loads(path.read_text())))
+        files.append(path)
+    return counts, files
 
 
 def split_sources(builders: Sequence[Any]) -> dict[str, list[DataSource]]:
@@ -203,27 +250,26 @@ class ShardedEncoder:
 
 
 def record_bytes(codes_ckt: np.ndarray, text_ct: np.ndarray, frame_rate: float, path: str) -> bytes:
-    """One example as np.savez bytes."""
-    buf = io.BytesIO()
-    np.savez(
-        buf,
-        codes=codes_ckt.astype(np.int16),
-        text=text_ct.astype(np.int32),
-        frame_rate=np.float64(frame_rate),
-        path=np.str_(path),
+    """One example in the LM's record layout (`sfm.lm.layout.encode_record`)."""
+    return encode_record(
+        {
+            "codes": codes_ckt.astype(np.int16),
+            "text": text_ct.astype(np.int32),
+            "frame_rate": np.float64(frame_rate),
+            "path": np.str_(path),
+        }
     )
-    return buf.getvalue()
 
 
 def read_record(data: bytes) -> dict[str, Any]:
     """Inverse of record_bytes: codes, text, frame_rate (float), path (str)."""
-    with np.load(io.BytesIO(data)) as z:
-        return {
-            "codes": z["codes"],
-            "text": z["text"],
-            "frame_rate": float(z["frame_rate"]),
-            "path": str(z["path"]),
-        }
+    record = decode_record(data)
+    return {
+        "codes": record["codes"],
+        "text": record["text"],
+        "frame_rate": float(record["frame_rate"]),
+        "path": str(record["path"]),
+    }
 
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -249,6 +295,7 @@ class _Job:
     encode_text: Callable[[str], list[int]]
     frame_rate: float
     summary: Summary
+    skips: list[dict[str, str]] = field(default_factory=list)  # not yet in the bad-records file
 
 
 def _check_audio(audio_tc: np.ndarray, frame_size: int) -> str | None:
@@ -257,6 +304,8 @@ def _check_audio(audio_tc: np.ndarray, frame_size: int) -> str | None:
         return "bad_channels"
     if audio_tc.shape[0] < frame_size:
         return "too_short"
+    if audio_tc.dtype.kind in "fc" and not np.isfinite(audio_tc).all():
+        return "non_finite_audio"  # tfds stores int16, but a builder may hand out floats
     return None
 
 
@@ -267,6 +316,10 @@ def shard_records(job: _Job, examples: Sequence[dict[str, Any]]) -> list[bytes]:
         reason = _check_audio(np.asarray(ex["audio"]), job.encoder.frame_size)
         if reason:
             job.summary.skipped[reason] += 1
+            path = _text(ex.get("path", b"?"))
+            job.skips.append(
+                {"path": path, "reason": reason, "message": f"{path}: {SKIP_REASONS[reason]}"}
+            )
         else:
             good.append(ex)
     rows = [
@@ -302,8 +355,28 @@ def _tokenize_split(job: _Job, split: str, sources: Sequence[DataSource], per_sh
         examples = [sources[s][i] for s, i in refs[index * per_shard : (index + 1) * per_shard]]
         records = shard_records(job, examples)
         write_shard(path, records)
+        _write_skips(job, split, path.name)
         job.summary.shards_written += 1
         job.summary.records[split] += len(records)
+
+
+def _tokenize_bad_records_path(out_dir: Path) -> Path:
+    """This stage's bad-records file: one per host when there are several."""
+    if jax.process_count() == 1:
+        return out_dir / TOKENIZE_BAD_RECORDS_FILE
+    stem, suffix = TOKENIZE_BAD_RECORDS_FILE.rsplit(".", 1)
+    return out_dir / f"{stem}-{jax.process_index():05d}.{suffix}"
+
+
+def _write_skips(job: _Job, split: str, shard: str) -> None:
+    """Append the skips of a shard just written to this stage's bad-records file."""
+    if not job.skips:
+        return
+    with _tokenize_bad_records_path(job.summary.out_dir).open("a", encoding="utf-8") as f:
+        for skip in job.skips:
+            row = {"stage": "tokenize", "split": split, "shard": shard, **skip}
+            f.write(json.dumps(row) + "\n")
+    job.skips.clear()
 
 
 def tokenize_dataset(
@@ -320,13 +393,18 @@ def tokenize_dataset(
     if tokenizer_path is None:
         raise TokenizeError("a tokenizer model is required (sfm data train-tokenizer)")
     out.mkdir(parents=True, exist_ok=True)
-    sources = split_sources(resolve_builders(builder_or_source_dir, out))
+    builders = resolve_builders(builder_or_source_dir, out)
+    prepare_skipped, bad_files = prepare_bad_records(builders)
+    sources = split_sources(builders)
     cfg = load_run_config(codec_config, checkpoint, ())
     sp = load_tokenizer(tokenizer_path)
     encoder = ShardedEncoder(build_codec(cfg, checkpoint), batch_size)
-    job = _Job(encoder, lambda w: encode_word(sp, w), float(cfg.codec.frame_rate), Summary(out))
+    summary = Summary(out, prepare_skipped=prepare_skipped, bad_records_files=bad_files)
+    job = _Job(encoder, lambda w: encode_word(sp, w), float(cfg.codec.frame_rate), summary)
     for split, split_srcs in sources.items():
         _tokenize_split(job, split, split_srcs, records_per_shard)
+    if _tokenize_bad_records_path(out).is_file():  # this run's skips or an earlier run's
+        summary.bad_records_files.append(_tokenize_bad_records_path(out))
     job.summary.seconds = time.perf_counter() - t0
     return job.summary
 
@@ -362,16 +440,13 @@ class TextSummary:
 
 
 def text_record_bytes(tokens_t: np.ndarray) -> bytes:
-    """One text-only sequence as np.savez bytes with key `tokens` (int32 [T])."""
-    buf = io.BytesIO()
-    np.savez(buf, tokens=np.asarray(tokens_t, np.int32))
-    return buf.getvalue()
+    """One text-only sequence in the record layout: key `tokens`, int32 [T]."""
+    return encode_record({"tokens": np.asarray(tokens_t, np.int32)})
 
 
 def read_text_record(data: bytes) -> np.ndarray:
     """Inverse of text_record_bytes: the tokens int32 [T]."""
-    with np.load(io.BytesIO(data)) as z:
-        return z["tokens"]
+    return decode_record(data)["tokens"]
 
 
 def _text_lines(text: PathLike | Iterable[str]) -> Iterator[str]:

@@ -21,13 +21,14 @@ from pathlib import Path
 import sentencepiece as spm
 
 from sfm.audio import PathLike
-from sfm.data.text_stream import TEXT_EPAD, TEXT_PAD
+from sfm.errors import SfmError
+from sfm.lm.layout import TEXT_EPAD, TEXT_PAD
 
 EPAD_PIECE = "<epad>"
 MIN_BYTE_FALLBACK_VOCAB = 1024  # below this the 256 byte pieces would crowd out text
 
 
-class TokenizerError(ValueError):
+class TokenizerError(SfmError, ValueError):
     """A tokenizer that cannot be trained or loaded; the message names the file."""
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from sfm.data.layout import moshi_delays
+from sfm.lm.layout import TEXT_EPAD, TEXT_PAD, StreamLayout, check_delays, moshi_delays
 
 
 def gated_hidden(dim_feedforward: int) -> int:
@@ -98,8 +98,8 @@ class LMConfig:
     n_q: int = 8
     dep_q: int = 8
     delays: tuple[int, ...] = moshi_delays(8)
-    text_pad: int = 3
-    text_epad: int = 0
+    text_pad: int = TEXT_PAD
+    text_epad: int = TEXT_EPAD
     temporal: TemporalConfig = TemporalConfig()
     depth: DepthConfig = DepthConfig()
     loss: LossConfig = LossConfig()
@@ -107,13 +107,7 @@ class LMConfig:
     dtype: str = "float32"  # compute dtype; norms and softmax stay float32
 
     def __post_init__(self) -> None:
-        if len(self.delays) != self.n_streams:
-            raise ValueError(
-                f"lm.delays: {len(self.delays)} entries, expected {self.n_streams} "
-                f"(1 text + 2 x lm.n_q={self.n_q} codebooks)"
-            )
-        if min(self.delays) < 0:
-            raise ValueError(f"lm.delays: must be >= 0, got {list(self.delays)}")
+        check_delays(self.delays, self.n_q, "lm.delays")
         if not 1 <= self.dep_q <= self.n_q:
             raise ValueError(f"lm.dep_q: {self.dep_q} must lie in [1, lm.n_q={self.n_q}]")
         for name, t in (("temporal", self.temporal), ("depth", self.depth)):
@@ -148,6 +142,13 @@ class LMConfig:
             self,
             temporal=dataclasses.replace(self.temporal, **layout),
             depth=dataclasses.replace(self.depth, **layout),
+        )
+
+    @property
+    def layout(self) -> StreamLayout:
+        """The stream layout of this LM: the one data records are built in."""
+        return StreamLayout(
+            n_q=self.n_q, delays=self.delays, text_pad=self.text_pad, text_epad=self.text_epad
         )
 
     @property

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sfm.data.layout import IGNORE, INITIAL
+from sfm.lm.layout import IGNORE, INITIAL
 from sfm.lm.model import LM
 from sfm.nn.streaming import StaticModel
 

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sfm.data.layout import IGNORE as ZERO_TOKEN
-from sfm.data.layout import INITIAL as INITIAL_TOKEN
-from sfm.nn.init import normal, uniform
+from sfm.lm.layout import IGNORE, INITIAL
+from sfm.nn.attention import Impl, attention, cached_attention, causal_mask, heads_first, init_cache
+from sfm.nn.init import logical, normal, uniform
 from sfm.nn.norm import RMSNorm
 from sfm.nn.rope import apply_rope
 from sfm.parallel.rules import constrain
@@ -35,12 +35,12 @@ class Embedding(nnx.Module):
     def __init__(self, vocab: int, dim: int, *, param_dtype: str = "float32", rngs: nnx.Rngs):
         self.vocab = vocab
         table = normal(rngs, (vocab + 1, dim), param_dtype) * dim**-0.5
-        self.embedding = nnx.Param(table, out_sharding=("vocab", "embed"))
+        self.embedding = nnx.Param(table, **logical(("vocab", "embed")))
 
     def __call__(self, tokens: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
-        ids = jnp.where(tokens == INITIAL_TOKEN, self.vocab, jnp.maximum(tokens, 0))
+        ids = jnp.where(tokens == INITIAL, self.vocab, jnp.maximum(tokens, 0))
         y = jnp.take(self.embedding[...], ids, axis=0).astype(dtype)
-        return jnp.where((tokens == ZERO_TOKEN)[..., None], jnp.zeros((), dtype), y)
+        return jnp.where((tokens == IGNORE)[..., None], jnp.zeros((), dtype), y)
 
 
 class StepLinear(nnx.Module):
@@ -63,7 +63,7 @@ class StepLinear(nnx.Module):
         self.n_weights = n_weights
         bound = in_features**-0.5
         kernel = uniform(rngs, (n_weights, out_features, in_features), bound, param_dtype)
-        self.kernel = nnx.Param(kernel, out_sharding=("steps", axes[1], axes[0]))
+        self.kernel = nnx.Param(kernel, **logical(("steps", axes[1], axes[0])))
         self.lora_a: nnx.Param | None = nnx.data(None)
         self.lora_b: nnx.Param | None = nnx.data(None)
         self.lora_scaling = 1.0
@@ -150,28 +150,9 @@ class GatedMlp(nnx.Module):
         return self.linear_out(jax.nn.silu(a) * b, steps, time_major=time_major)
 
 
-def attend(
-    q_bqhd: jax.Array, k_bkgd: jax.Array, v_bkgd: jax.Array, mask_bqk: jax.Array
-) -> jax.Array:
-    """Softmax attention (float32 logits) with grouped keys: H query heads share G kv heads."""
-    b, q, h, d = q_bqhd.shape
-    g = k_bkgd.shape[2]
-    q_grouped = q_bqhd.reshape(b, q, g, h // g, d)
-    logits = jnp.einsum("bqgrd,bkgd->bgrqk", q_grouped, k_bkgd).astype(jnp.float32) * d**-0.5
-    logits = jnp.where(mask_bqk[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_bkgd.dtype)
-    return jnp.einsum("bgrqk,bkgd->bqgrd", probs, v_bkgd).reshape(b, q, h * d)
-
-
-def causal_mask(pos_q: jax.Array, pos_k: jax.Array, context: int | None) -> jax.Array:
-    """[B, Tq, Tk]: key k is visible to query q (filled, not in the future, within context)."""
-    delta = pos_q[:, :, None] - pos_k[:, None, :]
-    mask = (pos_k[:, None, :] >= 0) & (delta >= 0)
-    return mask & (delta < context) if context is not None else mask
-
-
 class Attention(nnx.Module):
-    """Causal self-attention, fused [q | k | v] projection, optional RoPE and context window."""
+    """Causal self-attention, fused [q | k | v] projection, optional RoPE and context window,
+    grouped keys; per-step weights (see StepLinear). The attention is `sfm.nn.attention`'s."""
 
     def __init__(
         self,
@@ -183,10 +164,11 @@ class Attention(nnx.Module):
         max_period: float | None,
         n_weights: int = 1,
         param_dtype: str = "float32",
+        impl: Impl = "xla",
         rngs: nnx.Rngs,
     ) -> None:
         self.num_heads, self.kv_heads, self.head_dim = num_heads, kv_heads, dim // num_heads
-        self.context, self.max_period = context, max_period
+        self.context, self.max_period, self.impl = context, max_period, impl
         kw: dict[str, Any] = dict(n_weights=n_weights, param_dtype=param_dtype, rngs=rngs)
         qkv = (num_heads + 2 * kv_heads) * self.head_dim
         self.in_proj = StepLinear(dim, qkv, axes=("embed", "qkv"), **kw)
@@ -213,36 +195,22 @@ class Attention(nnx.Module):
         """x [B, T, D] (with `time_major` [T, B, D]: the projections run step-major, the
         attention itself batch-major) and positions [B, T] -> the same layout as x."""
         q, k, v = self._qkv(x_btd, pos_bt, steps, time_major)
-        out = attend(q, k, v, causal_mask(pos_bt, pos_bt, self.context))
+        mask = causal_mask(pos_bt, pos_bt, self.context)
+        out = attention(q, heads_first(k), heads_first(v), mask, impl=self.impl)
         if time_major:
             out = jnp.swapaxes(out, 0, 1)
         return self.out_proj(out, steps, time_major=time_major)
 
     def init_state(self, batch: int, capacity: int, dtype: Any) -> State:
-        """Ring of `capacity` keys/values [B, capacity, G, D]; `pos` -1 marks an empty slot."""
-        shape = (batch, capacity, self.kv_heads, self.head_dim)
-        return {
-            "k": jnp.zeros(shape, dtype),
-            "v": jnp.zeros(shape, dtype),
-            "pos": jnp.full((batch, capacity), -1, jnp.int32),
-        }
+        """A ring of `capacity` keys and values (see `sfm.nn.attention.init_cache`)."""
+        return init_cache(batch, capacity, self.kv_heads, self.head_dim, dtype)
 
     def step(
         self, state: State, x_btd: jax.Array, pos_bt: jax.Array, steps: Steps = None
     ) -> tuple[State, jax.Array]:
-        """Write the new keys into the ring, then attend over it.
-
-        Needs capacity >= context + T - 1 so no key a new query sees is overwritten."""
+        """Attend over the ring and the new keys; the ring gains the new keys."""
         q, k, v = self._qkv(x_btd, pos_bt, steps)
-        slots = pos_bt % state["pos"].shape[1]
-        rows = jnp.arange(pos_bt.shape[0])[:, None]
-        state = {
-            "k": state["k"].at[rows, slots].set(k.astype(state["k"].dtype)),
-            "v": state["v"].at[rows, slots].set(v.astype(state["v"].dtype)),
-            "pos": state["pos"].at[rows, slots].set(pos_bt),
-        }
-        mask = causal_mask(pos_bt, state["pos"], self.context)
-        out = attend(q, state["k"].astype(q.dtype), state["v"].astype(q.dtype), mask)
+        state, out = cached_attention(state, q, k, v, pos_bt, context=self.context, impl=self.impl)
         return state, self.out_proj(out, steps)
 
 

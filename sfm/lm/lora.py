@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sfm.lm.layers import StepLinear
-from sfm.nn.init import uniform
+from sfm.nn.init import logical, uniform
 
 DEFAULT_TARGETS: tuple[str, ...] = ("in_proj", "out_proj", "linear_in", "linear_out")
 # Linears whose kernel the model reads directly instead of calling them: an adapter there
@@ -59,8 +59,8 @@ def _add_adapter(linear: StepLinear, rank: int, scaling: float, rngs: nnx.Rngs) 
     dtype = str(kernel.dtype)
     a = uniform(rngs, (*lead, rank, in_features), in_features**-0.5, dtype)
     b = jnp.zeros((*lead, out_features, rank), dtype)
-    linear.lora_a = LoRAParam(a, out_sharding=axes)
-    linear.lora_b = LoRAParam(b, out_sharding=axes)
+    linear.lora_a = LoRAParam(a, **logical(axes))
+    linear.lora_b = LoRAParam(b, **logical(axes))
     linear.lora_scaling = float(scaling)
 
 

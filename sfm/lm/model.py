@@ -2,7 +2,7 @@
 the codebooks of each frame (Moshi per-step weights, or a CSM-style shared decoder).
 
 Tokens are [B, S, T] over streams [text, n_q model codebooks, n_q user codebooks]. In the
-*delayed* space each stream is already shifted by its delay (see sfm.data.layout): the
+*delayed* space each stream is already shifted by its delay (see sfm.lm.layout): the
 temporal step t reads the tokens of frame t - 1 (the initial tokens at t = 0) and predicts
 the text and the model's codebooks of frame t.
 """
@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sfm.data.layout import IGNORE, INITIAL
 from sfm.lm.config import LMConfig
 from sfm.lm.layers import ACTIVATION_AXES, Embedding, LayerStack, StepLinear
+from sfm.lm.layout import IGNORE, INITIAL
 from sfm.nn.norm import RMSNorm
 from sfm.parallel.rules import constrain
 

@@ -1,13 +1,23 @@
-"""Causal multi-head self-attention with RoPE, a context window and a ring KV cache.
+"""Causal attention for every model in sfm: one attention function, one ring KV cache.
 
-Streaming attends over the cache and the new keys (one softmax over both) before writing
-the new keys into the ring, so a step of any length equals the offline computation exactly
-(the cache never drops a key that a query of the current step may still see).
+`attention` is softmax attention with float32 logits and grouped keys (H query heads share
+G kv heads); visibility comes from positions (`causal_mask`: filled, not in the future,
+within the context window). `impl` picks the implementation: "xla" (plain jnp, every backend)
+today; a Pallas kernel plugs in under its own name.
+
+The cache is a ring of `capacity` keys and values per sequence, head-major [B, G, C, D] so it
+feeds the attention products without a transpose; `pos` holds each slot's position (-1:
+empty). `cached_attention` is a streaming step of any length: it attends over the cache and
+the new keys and leaves the new keys in the ring, equal to attending over the whole sequence
+(the ring never drops a key that a query of the step may still see).
+
+`MultiHeadAttention` is the codec's module (Mimi: fused qkv projection, RoPE); the LM's
+(per-step weights, grouped keys) is `sfm.lm.layers.Attention`. Both run on the functions here.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -17,10 +27,104 @@ from sfm.nn.linear import Linear
 from sfm.nn.rope import apply_rope
 
 State = dict[str, Any]
+Impl = Literal["xla"]
+IMPLS: tuple[str, ...] = ("xla",)
+
+
+def causal_mask(pos_bq: jax.Array, pos_bk: jax.Array, context: int | None) -> jax.Array:
+    """[B, Tq, Tk]: key k is visible to query q (filled, not in the future, within context)."""
+    delta = pos_bq[:, :, None] - pos_bk[:, None, :]
+    mask = (pos_bk[:, None, :] >= 0) & (delta >= 0)
+    return mask & (delta < context) if context is not None else mask
+
+
+def attention(
+    q_bqhd: jax.Array,
+    k_bgkd: jax.Array,
+    v_bgkd: jax.Array,
+    mask_bqk: jax.Array,
+    *,
+    impl: Impl = "xla",
+) -> jax.Array:
+    """Softmax(q k^T / sqrt(D)) v over the visible keys -> [B, Tq, H * D] in v's dtype.
+
+    q [B, Tq, H, D]; k, v [B, G, Tk, D] with G dividing H (query head h reads kv head
+    h // (H / G)); logits and softmax in float32."""
+    if impl != "xla":
+        raise ValueError(f"attention impl {impl!r}: expected one of {', '.join(IMPLS)}")
+    b, q, h, d = q_bqhd.shape
+    g = k_bgkd.shape[1]
+    q_grouped = q_bqhd.reshape(b, q, g, h // g, d)
+    logits = jnp.einsum("bqgrd,bgkd->bgrqk", q_grouped, k_bgkd).astype(jnp.float32) * d**-0.5
+    logits = jnp.where(mask_bqk[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_bgkd.dtype)
+    return jnp.einsum("bgrqk,bgkd->bqgrd", probs, v_bgkd).reshape(b, q, h * d)
+
+
+def init_cache(batch: int, capacity: int, kv_heads: int, head_dim: int, dtype: Any) -> State:
+    """An empty ring: keys and values [B, G, capacity, D], positions [B, capacity] of -1."""
+    shape = (batch, kv_heads, capacity, head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "pos": jnp.full((batch, capacity), -1, jnp.int32),
+    }
+
+
+def write_cache(cache: State, k_btgd: jax.Array, v_btgd: jax.Array, pos_bt: jax.Array) -> State:
+    """The ring with keys and values [B, T, G, D] written at slots pos % capacity (only the
+    newest `capacity` of them when T exceeds it)."""
+    capacity = cache["pos"].shape[1]
+    if pos_bt.shape[1] >= capacity:
+        k_btgd, v_btgd, pos_bt = k_btgd[:, -capacity:], v_btgd[:, -capacity:], pos_bt[:, -capacity:]
+    slots = pos_bt % capacity
+    rows = jnp.arange(pos_bt.shape[0])[:, None]
+    # Advanced indices around a slice: the update is laid out [B, T, G, D], as k and v are.
+    return {
+        "k": cache["k"].at[rows, :, slots].set(k_btgd.astype(cache["k"].dtype)),
+        "v": cache["v"].at[rows, :, slots].set(v_btgd.astype(cache["v"].dtype)),
+        "pos": cache["pos"].at[rows, slots].set(pos_bt),
+    }
+
+
+def heads_first(x_btgd: jax.Array) -> jax.Array:
+    """[B, T, G, D] -> [B, G, T, D]."""
+    return jnp.swapaxes(x_btgd, 1, 2)
+
+
+def cached_attention(
+    cache: State,
+    q_bqhd: jax.Array,
+    k_btgd: jax.Array,
+    v_btgd: jax.Array,
+    pos_bt: jax.Array,
+    *,
+    context: int | None,
+    impl: Impl = "xla",
+) -> tuple[State, jax.Array]:
+    """One streaming step: attention of the new queries over the cache and the new keys, and
+    the cache with the new keys written; (cache, [B, T, H * D]).
+
+    When the ring has T - 1 slots beyond the context, writing first cannot evict a key that
+    a new query sees: the step writes in place and attends over the ring alone (no copy of
+    the cache). Otherwise it attends over the old ring and the new keys side by side. Without
+    a context window every key stays visible, so the ring must hold the whole sequence."""
+    capacity, t = cache["pos"].shape[1], pos_bt.shape[1]
+    if context is None or t <= capacity - context + 1:
+        cache = write_cache(cache, k_btgd, v_btgd, pos_bt)
+        k, v, pos_k = cache["k"], cache["v"], cache["pos"]
+    else:
+        k = jnp.concatenate([cache["k"].astype(k_btgd.dtype), heads_first(k_btgd)], axis=2)
+        v = jnp.concatenate([cache["v"].astype(v_btgd.dtype), heads_first(v_btgd)], axis=2)
+        pos_k = jnp.concatenate([cache["pos"], pos_bt], axis=1)
+        cache = write_cache(cache, k_btgd, v_btgd, pos_bt)
+    mask = causal_mask(pos_bt, pos_k, context)
+    out = attention(q_bqhd, k.astype(q_bqhd.dtype), v.astype(q_bqhd.dtype), mask, impl=impl)
+    return cache, out
 
 
 class MultiHeadAttention(nnx.Module):
-    """Fused qkv projection [embed, 3 * embed] -> attention -> out projection."""
+    """Fused qkv projection [embed, 3 * embed] -> attention -> out projection (Mimi's)."""
 
     def __init__(
         self,
@@ -30,25 +134,19 @@ class MultiHeadAttention(nnx.Module):
         context: int | None,
         max_period: float | None = 10000.0,
         param_dtype: str = "float32",
+        impl: Impl = "xla",
         rngs: nnx.Rngs,
     ) -> None:
         self.dim, self.num_heads = dim, num_heads
-        self.context, self.max_period = context, max_period
+        self.context, self.max_period, self.impl = context, max_period, impl
         self.in_proj = Linear(
             dim, 3 * dim, axes=("embed", "qkv"), param_dtype=param_dtype, rngs=rngs
         )
         self.out_proj = Linear(dim, dim, axes=("qkv", "embed"), param_dtype=param_dtype, rngs=rngs)
 
     def init_state(self, batch: int, capacity: int, dtype: Any = jnp.float32) -> State:
-        """Ring buffer of `capacity` keys/values, head-major [B, H, capacity, D] so the cache
-        feeds the attention products without a transpose; `pos` holds each slot's position
-        (-1: empty)."""
-        hd = self.dim // self.num_heads
-        return {
-            "k": jnp.zeros((batch, self.num_heads, capacity, hd), dtype),
-            "v": jnp.zeros((batch, self.num_heads, capacity, hd), dtype),
-            "pos": jnp.full((batch, capacity), -1, jnp.int32),
-        }
+        """A ring of `capacity` keys and values (see `init_cache`)."""
+        return init_cache(batch, capacity, self.num_heads, self.dim // self.num_heads, dtype)
 
     def _qkv(self, x_btd: jax.Array, pos_bt: jax.Array) -> tuple[jax.Array, ...]:
         b, t, _ = x_btd.shape
@@ -58,63 +156,14 @@ class MultiHeadAttention(nnx.Module):
             q, k = apply_rope(q, k, pos_bt, self.max_period)
         return q, k, v
 
-    def _attend(
-        self, q_bqhd: jax.Array, pos_bq: jax.Array, parts: list[tuple[jax.Array, ...]]
-    ) -> jax.Array:
-        """Softmax attention over the union of key sets `parts`, each (k_bhkd, v_bhkd, pos_bk)."""
-        scale = q_bqhd.shape[-1] ** -0.5
-        logits = []
-        for k, _, pos_k in parts:
-            delta = pos_bq[:, :, None] - pos_k[:, None, :]  # [B, Tq, Tk]
-            mask = (pos_k[:, None, :] >= 0) & (delta >= 0)
-            if self.context is not None:
-                mask &= delta < self.context
-            lg = jnp.einsum("bqhd,bhkd->bhqk", q_bqhd, k).astype(jnp.float32) * scale
-            logits.append(jnp.where(mask[:, None], lg, jnp.finfo(jnp.float32).min))
-        probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
-        out, start = 0.0, 0
-        for k, v, _ in parts:
-            p = probs[..., start : start + k.shape[2]].astype(v.dtype)
-            out = out + jnp.einsum("bhqk,bhkd->bqhd", p, v)
-            start += k.shape[2]
-        return self.out_proj(out.reshape(*q_bqhd.shape[:2], self.dim))
-
     def __call__(self, x_btd: jax.Array, pos_bt: jax.Array) -> jax.Array:
         q, k, v = self._qkv(x_btd, pos_bt)
-        return self._attend(q, pos_bt, [(_heads_first(k), _heads_first(v), pos_bt)])
+        mask = causal_mask(pos_bt, pos_bt, self.context)
+        out = attention(q, heads_first(k), heads_first(v), mask, impl=self.impl)
+        return self.out_proj(out)
 
     def step(self, state: State, x_btd: jax.Array, pos_bt: jax.Array) -> tuple[State, jax.Array]:
-        """Attend over the cache and the new keys (two key sets, one softmax), then write.
-
-        When the ring has `t - 1` slots beyond the context, writing first cannot evict a key
-        that a new query sees, so the step writes in place and attends over the ring alone
-        (no copy of the cache).
-        """
+        """Attend over the cache and the new keys; the cache gains the new keys."""
         q, k, v = self._qkv(x_btd, pos_bt)
-        capacity, t = state["pos"].shape[1], x_btd.shape[1]
-        if self.context is not None and t <= capacity - self.context + 1:
-            state = self._write(state, k, v, pos_bt)
-            ring = (state["k"].astype(k.dtype), state["v"].astype(v.dtype), state["pos"])
-            return state, self._attend(q, pos_bt, [ring])
-        cache = (state["k"].astype(k.dtype), state["v"].astype(v.dtype), state["pos"])
-        y = self._attend(q, pos_bt, [cache, (_heads_first(k), _heads_first(v), pos_bt)])
-        return self._write(state, k, v, pos_bt), y
-
-    @staticmethod
-    def _write(state: State, k: jax.Array, v: jax.Array, pos_bt: jax.Array) -> State:
-        capacity = state["pos"].shape[1]
-        t = pos_bt.shape[1]
-        if t >= capacity:  # only the newest `capacity` entries survive
-            k, v, pos_bt = k[:, -capacity:], v[:, -capacity:], pos_bt[:, -capacity:]
-        slots = pos_bt % capacity  # [B, T]
-        batch = jnp.arange(pos_bt.shape[0])[:, None]
-        # Advanced indices around a slice: the update is laid out [B, T, H, D], as k and v are.
-        return {
-            "k": state["k"].at[batch, :, slots].set(k.astype(state["k"].dtype)),
-            "v": state["v"].at[batch, :, slots].set(v.astype(state["v"].dtype)),
-            "pos": state["pos"].at[batch, slots].set(pos_bt),
-        }
-
-
-def _heads_first(x_bthd: jax.Array) -> jax.Array:
-    return jnp.swapaxes(x_bthd, 1, 2)
+        state, out = cached_attention(state, q, k, v, pos_bt, context=self.context, impl=self.impl)
+        return state, self.out_proj(out)

@@ -29,11 +29,12 @@ def _conv_params(
 ) -> tuple[nnx.Param, nnx.Param | None]:
     """Kernel and optional bias [out], both U(+-1/sqrt(fan_in)) as PyTorch initialises them."""
     bound = 1.0 / math.sqrt(fan_in)
-    kernel = nnx.Param(init.uniform(rngs, shape, bound, dtype), out_sharding=axes)
+    kernel = nnx.Param(init.uniform(rngs, shape, bound, dtype), **init.logical(axes))
     if not use_bias:
         return kernel, None
     out = shape[axes.index("conv_out")]
-    return kernel, nnx.Param(init.uniform(rngs, (out,), bound, dtype), out_sharding=("conv_out",))
+    bias = init.uniform(rngs, (out,), bound, dtype)
+    return kernel, nnx.Param(bias, **init.logical(("conv_out",)))
 
 
 class StreamingConv1d(nnx.Module):

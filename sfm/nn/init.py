@@ -8,6 +8,8 @@ key is abstract (e.g. `nnx.eval_shape`), they fall back to `jax.random`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,3 +38,10 @@ def normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: str = "float32") -> ja
     if gen is None:
         return jax.random.normal(key, shape, jnp.dtype(dtype))
     return jnp.asarray(gen.standard_normal(shape).astype(np.float32)).astype(dtype)
+
+
+def logical(axes: tuple[str | None, ...]) -> dict[str, Any]:
+    """Variable metadata naming the logical axis of each dimension (`nnx.Param(x, **logical(
+    ("embed", "mlp")))`). Placement on a mesh comes later from the rules in `sfm.parallel`,
+    never at creation (eager sharding off, whatever flax's global default)."""
+    return {"out_sharding": axes, "eager_sharding": False}

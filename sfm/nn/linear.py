@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sfm.nn.init import uniform
+from sfm.nn.init import logical, uniform
 
 Axes = tuple[str | None, ...]
 
@@ -34,9 +34,9 @@ class Linear(nnx.Module):
     ) -> None:
         bound = 1.0 / in_features**0.5
         init = uniform(rngs, (out_features, in_features), bound, param_dtype)
-        self.kernel = nnx.Param(init, out_sharding=(axes[1], axes[0]))
+        self.kernel = nnx.Param(init, **logical((axes[1], axes[0])))
         self.bias = (
-            nnx.Param(jnp.zeros((out_features,), _dtype(param_dtype)), out_sharding=axes[1:])
+            nnx.Param(jnp.zeros((out_features,), _dtype(param_dtype)), **logical(axes[1:]))
             if use_bias
             else None
         )
@@ -52,7 +52,7 @@ class LayerScale(nnx.Module):
     """Per-channel residual scale, initialised small (Touvron et al. 2021)."""
 
     def __init__(self, dim: int, init: float, *, param_dtype: str = "float32") -> None:
-        self.scale = nnx.Param(jnp.full((dim,), init, _dtype(param_dtype)), out_sharding=("embed",))
+        self.scale = nnx.Param(jnp.full((dim,), init, _dtype(param_dtype)), **logical(("embed",)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return x * self.scale[...].astype(x.dtype)

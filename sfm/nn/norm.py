@@ -6,14 +6,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sfm.nn.init import logical
+
 
 class LayerNorm(nnx.Module):
     """LayerNorm with scale and bias, computed in float32."""
 
     def __init__(self, dim: int, *, eps: float = 1e-5, param_dtype: str = "float32") -> None:
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
-        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=("norm",))
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **logical(("norm",)))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), **logical(("norm",)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -29,7 +31,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float = 1e-8, param_dtype: str = "float32") -> None:
         self.eps = eps
-        self.alpha = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
+        self.alpha = nnx.Param(jnp.ones((dim,), param_dtype), **logical(("norm",)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)

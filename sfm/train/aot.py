@@ -35,39 +35,47 @@ one megacore device) and chips on v5e and v6e. An explicit shape such as `v5p:4x
 
 v4 and v5p are 3-D (chip config "megacore", 4 chips per host as 2x2x1, wraparound links on
 full 4x4x4 cubes and up); v5e and v6e are 2-D (4 chips per host, 8 on a single-host 2x4).
-Run as `python -m sfm.train.aot CONFIG --topology NAME [KEY=VALUE ...]` or
-`sfm compile CONFIG --topology NAME [KEY=VALUE ...]`.
+Run as `sfm compile CONFIG --topology NAME [KEY=VALUE ...]` (or `python -m sfm.train.aot`
+with the same arguments); CONFIG is a YAML path or a preset name under configs/train/.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import math
-import os
-import re
-import sys
-import time
-from collections.abc import Sequence
-from typing import Any
+if __name__ == "__main__":  # `python -m sfm.train.aot`: host settings before jax is imported
+    import sfm.host
 
-import jax
-import jax.numpy as jnp
-from flax import nnx
-from jax.experimental.compilation_cache import compilation_cache
-from jax.sharding import Mesh
+    sfm.host.configure()
 
-from sfm.config import Config, ConfigError, load_config
-from sfm.parallel.mesh import build_mesh
-from sfm.parallel.rules import batch_sharding
-from sfm.train.step import TrainParts, build_train_step, make_optimizer, train_shardings
-from sfm.train.tasks import Task, get_task
+import dataclasses  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.experimental.compilation_cache import compilation_cache  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
+
+from sfm.config import Config, ConfigError, load_config, resolve_preset  # noqa: E402
+from sfm.errors import SfmError  # noqa: E402
+from sfm.parallel.mesh import build_mesh  # noqa: E402
+from sfm.parallel.rules import batch_sharding  # noqa: E402
+from sfm.train.step import (  # noqa: E402
+    TrainParts,
+    build_train_step,
+    make_optimizer,
+    train_shardings,
+)
+from sfm.train.tasks import Task, get_task  # noqa: E402
 
 GiB = 1024**3
-LM_TASKS = ("pretrain", "duplex")  # tasks whose batch is LM tokens and mask [B, S, T]
 
 
-class AotError(RuntimeError):
+class AotError(SfmError, RuntimeError):
     """The program does not fit (or does not compile) on the topology; one line says why."""
 
 
@@ -275,28 +283,25 @@ def abstract_parts(cfg: Config, task: Task, mesh: Mesh) -> TrainParts:
     )
 
 
-def abstract_batch(cfg: Config, mesh: Mesh, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """tokens int32 / mask bool [global_batch, n_streams, seq_len], sharded on the batch axis."""
-    shape = (global_batch, cfg.lm.n_streams, cfg.data.seq_len)
-    sharding = batch_sharding(mesh, cfg.mesh.rules, len(shape))
-    return {
-        "tokens": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding),
-        "mask": jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=sharding),
-    }
-
-
-def _global_batch(cfg: Config, mesh: Mesh, hosts: int, label: str) -> int:
-    """data.batch_size per host, times the hosts; checked against the batch sharding."""
-    batch = cfg.data.batch_size * hosts
+def abstract_batch(cfg: Config, task: Task, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The task's global batch (`data.batch_size` rows), sharded on the batch axis as
+    `shard_batch` places it in training; the batch must divide by the hosts and the sharding."""
+    hosts = len({d.process_index for d in mesh.devices.flat})
+    batch = cfg.data.batch_size
     spec = batch_sharding(mesh, cfg.mesh.rules, 1).spec
     axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],) if spec[0] else ()
     ways = math.prod(mesh.shape[a] for a in axes)
-    if batch % ways:
+    if batch % hosts or batch % ways:
         raise AotError(
-            f"{label}: global batch {batch} (data.batch_size={cfg.data.batch_size} x {hosts} "
-            f"hosts) is not divisible by the {ways}-way batch sharding over {axes}"
+            f"data.batch_size: the global batch {batch} must divide by the {hosts} hosts and "
+            f"by the {ways}-way batch sharding over {axes}"
         )
-    return batch
+    return {
+        name: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=batch_sharding(mesh, cfg.mesh.rules, len(x.shape))
+        )
+        for name, x in task.batch_shapes(cfg).items()
+    }
 
 
 def _compile(step: Any, args: tuple[Any, ...], label: str) -> tuple[Any, float]:
@@ -331,23 +336,25 @@ def compile_for_topology(cfg: Config, topology: str, label: str = "config") -> C
     Raises AotError when the program needs more HBM than a chip has."""
     topo = parse_topology(topology)
     where = f"{label} on {topo.name}"
-    if cfg.train.task not in LM_TASKS:
-        raise AotError(f"{where}: train.task={cfg.train.task}: only {', '.join(LM_TASKS)} compile")
     devices = topology_devices(topo)
     hosts = len({d.process_index for d in devices})
     try:
         mesh = build_mesh(cfg.mesh, devices)
     except ValueError as err:
         raise AotError(f"{where}: {err}") from err
-    batch = _global_batch(cfg, mesh, hosts, where)
+    task = get_task(cfg)
+    try:
+        batch_args = abstract_batch(cfg, task, mesh)
+    except AotError as err:
+        raise AotError(f"{where}: {err}") from None
+    batch = cfg.data.batch_size
     shape = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
     where = f"{where} (mesh {shape}, batch {batch} x {cfg.data.seq_len})"
-    task = get_task(cfg)
     parts = abstract_parts(cfg, task, mesh)
     step = build_train_step(parts, task.loss_fn(cfg), cfg.train)
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parts.shardings["replicated"])
     args = (parts.params, parts.mutable, parts.frozen, parts.opt_state)
-    compiled, seconds = _compile(step, (*args, abstract_batch(cfg, mesh, batch), rng), where)
+    compiled, seconds = _compile(step, (*args, batch_args, rng), where)
     report = _report(cfg, label, topo, mesh, hosts, batch, parts, compiled, seconds)
     if report.peak_bytes > report.hbm_bytes:
         raise AotError(
@@ -398,22 +405,9 @@ def _report(
         peak_bytes=peak,
         hbm_bytes=topo.generation.hbm_bytes,
         xla_flops=float(cost.get("flops", 0.0)) if cost else 0.0,
-        model_flops=get_task(cfg).cost(cfg)[1] * hosts,
+        model_flops=get_task(cfg).cost(cfg)[1],
         compile_seconds=seconds,
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m sfm.train.aot CONFIG --topology NAME [KEY=VALUE ...]`: print the report."""
-    parser = argparse.ArgumentParser(
-        prog="python -m sfm.train.aot",
-        description="Compile the train step for a TPU topology; report memory and FLOPs.",
-    )
-    parser.add_argument("config", metavar="CONFIG", help="YAML preset (e.g. configs/lm/...)")
-    parser.add_argument("--topology", required=True, help="v5p-128, v5e-16, v6e-64, v4-32, ...")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    args = parser.parse_intermixed_args(argv)
-    return run(args.config, args.topology, args.overrides)
 
 
 def run(config: str, topology: str, overrides: Sequence[str], *, prefix: str = "error") -> int:
@@ -424,7 +418,7 @@ def run(config: str, topology: str, overrides: Sequence[str], *, prefix: str = "
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     try:
-        cfg = load_config(config, list(overrides))
+        cfg = load_config(resolve_preset(config, "train"), list(overrides))
         report = compile_for_topology(cfg, topology, label=config)
     except (ConfigError, AotError) as err:
         print(f"{prefix}: {err}", file=sys.stderr)
@@ -433,5 +427,7 @@ def run(config: str, topology: str, overrides: Sequence[str], *, prefix: str = "
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m sfm.train.aot ...` is `sfm compile ...`
+    from sfm.cli import main
+
+    sys.exit(main(["compile", *sys.argv[1:]]))

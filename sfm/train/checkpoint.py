@@ -20,7 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from sfm.train.errors import CheckpointError
+from sfm.io.tensors import CheckpointError
 
 log = logging.getLogger(__name__)
 

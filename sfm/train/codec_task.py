@@ -16,7 +16,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +24,9 @@ import numpy as np
 from flax import nnx
 
 from sfm.codec import losses as L
-from sfm.codec.discriminator import DiscConfig, MultiDiscriminator
+from sfm.codec.discriminator import MultiDiscriminator
 from sfm.codec.model import Mimi
 from sfm.codec.quantizer import CodebookStat
-from sfm.eval.codec_metrics import MEL_SCALES
 from sfm.nn.linear import Linear
 from sfm.train.step import LossFn
 
@@ -36,39 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 Metrics = dict[str, jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class LossWeights:
-    """Weights of the loss terms (Mimi itself trained with mel = 0)."""
-
-    adv: float = 1.0
-    feat: float = 2.0
-    mel: float = 15.0
-    commit: float = 1.0
-    distill: float = 1.0
-    disc: float = 1.0
-
-
-@dataclasses.dataclass(frozen=True)
-class CodecTrainConfig:
-    """Codec training: corpora, crop length, loss weights, discriminators, teacher.
-
-    `corpus` entries are corpus directories (manifest.jsonl + 24 kHz WAVs), manifest files,
-    or prepared tfds directories (their `split` is read)."""
-
-    corpus: tuple[str, ...] = ()
-    split: str = "train"
-    segment_seconds: float = 2.0
-    weights: LossWeights = LossWeights()
-    mel_scales: tuple[tuple[int, int], ...] = MEL_SCALES
-    disc: DiscConfig = DiscConfig()
-    teacher: Literal["none", "mel"] = "none"
-    teacher_dim: int = 64
-
-    def __post_init__(self) -> None:
-        if self.segment_seconds <= 0:
-            raise ValueError("codec_train.segment_seconds: must be > 0")
 
 
 class CodecTrainModel(nnx.Module):
@@ -186,7 +152,7 @@ class CodecTask:
         """Codec (from `train.init_from` when given), discriminators, distillation head."""
         model = CodecTrainModel(cfg, rngs=nnx.Rngs(cfg.seed))
         if cfg.train.init_from:
-            from sfm.codec_files import build_codec
+            from sfm.io.codec import build_codec
 
             nnx.update(model.codec, nnx.state(build_codec(cfg, cfg.train.init_from)))
         return model
@@ -206,14 +172,20 @@ class CodecTask:
     def device_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"wav": host_batch["wav"]}
 
+    def batch_shapes(self, cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
+        """The global batch the step takes: crops float32 [batch, samples]."""
+        return {
+            "wav": jax.ShapeDtypeStruct((cfg.data.batch_size, segment_samples(cfg)), np.float32)
+        }
+
     def cost(self, cfg: Config) -> tuple[int, float]:
         """(audio samples per step, FLOPs per step: not counted, 0)."""
         return cfg.data.batch_size * segment_samples(cfg), 0.0
 
     def export(self, cfg: Config, model: nnx.Module, out_dir: Path) -> Path:
         """`out_dir/codec.safetensors`: the codec's weights and codebooks with the run's config."""
-        from sfm.checkpoint_io import save_params
         from sfm.config import dump_yaml
+        from sfm.io.params import save_params
 
         path = out_dir / "codec.safetensors"
         if jax.process_index() == 0:
@@ -248,9 +220,9 @@ def spectrogram_image(wav: np.ndarray, sample_rate: int, colormap: str = "magma"
     """A log-mel spectrogram as an RGB float image [mels, frames, 3], low bands at the bottom."""
     import matplotlib
 
-    from sfm.eval.codec_metrics import log_mel
+    from sfm.codec.mel import log_mel
 
-    mel = log_mel(np.asarray(wav, np.float64), sample_rate, 1024, 80).T[::-1]
+    mel = np.asarray(log_mel(jnp.asarray(wav, jnp.float32)[None], sample_rate, 1024, 80))[0].T[::-1]
     lo, hi = mel.max() - 4.0, mel.max()  # 80 dB of range
     scaled = np.clip((mel - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
     cmap: Callable[[np.ndarray], np.ndarray] = matplotlib.colormaps[colormap]

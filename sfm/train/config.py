@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from sfm.codec.config import MEL_SCALES, DiscConfig
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
@@ -43,3 +45,36 @@ class TrainConfig:
         for name in ("steps", "grad_accum", "log_every", "ckpt_every", "keep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+    """Weights of the loss terms (Mimi itself trained with mel = 0)."""
+
+    adv: float = 1.0
+    feat: float = 2.0
+    mel: float = 15.0
+    commit: float = 1.0
+    distill: float = 1.0
+    disc: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CodecTrainConfig:
+    """Codec training: corpora, crop length, loss weights, discriminators, teacher.
+
+    `corpus` entries are corpus directories (manifest.jsonl + 24 kHz WAVs), manifest files,
+    or prepared tfds directories (their `split` is read)."""
+
+    corpus: tuple[str, ...] = ()
+    split: str = "train"
+    segment_seconds: float = 2.0
+    weights: LossWeights = LossWeights()
+    mel_scales: tuple[tuple[int, int], ...] = MEL_SCALES
+    disc: DiscConfig = DiscConfig()
+    teacher: Literal["none", "mel"] = "none"
+    teacher_dim: int = 64
+
+    def __post_init__(self) -> None:
+        if self.segment_seconds <= 0:
+            raise ValueError("codec_train.segment_seconds: must be > 0")

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
+from sfm.errors import SfmError
 
-class TrainingStopped(RuntimeError):
+
+class TrainingStopped(SfmError, RuntimeError):
     """Training stopped on a non-finite loss or gradient; the message names the step."""
-
-
-class CheckpointError(RuntimeError):
-    """No checkpoint of a run could be restored; the message names the directory."""

@@ -4,7 +4,9 @@ Read top to bottom: mesh -> the task's model -> sharded train state -> the task'
 restore the newest checkpoint -> steps -> checkpoints -> export of the trained weights.
 SIGTERM finishes the current step, saves and exits; after SIGKILL a rerun resumes from the
 last checkpoint and reproduces the uninterrupted run's losses bit for bit (the step's PRNG
-key is derived from the step number and the data iterator is restored with the model).
+key is derived from the step number and the data iterator is restored with the model). A
+resumed run prints where it resumed from and logs the steps it replays once (it drops their
+earlier records from metrics.jsonl and hides their earlier TensorBoard events).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from sfm.parallel.distributed import initialize_from_env
 from sfm.parallel.mesh import build_mesh
 from sfm.train import checkpoint as ckpt
 from sfm.train.errors import TrainingStopped
-from sfm.train.metrics import Reporter
+from sfm.train.metrics import Reporter, drop_steps_after
 from sfm.train.step import build_train_step, make_optimizer, shard_batch, split_model
 from sfm.train.tasks import get_task
 
@@ -43,13 +45,15 @@ class RunSummary:
     stopped_by_signal: bool = False
     seconds: float = 0.0
     export: Path | None = None  # the trained weights, written when the run completes
+    global_batch: int = 0  # rows of each step's (sharded, global) batch
 
     def line(self) -> str:
         """One-line report for the command line."""
         how = "stopped by SIGTERM" if self.stopped_by_signal else "done"
         last = f", last loss {self.losses[-1]:.4f}" if self.losses else ""
+        batch = f", global batch {self.global_batch}" if self.global_batch else ""
         return (
-            f"{self.out_dir}: steps {self.first_step}..{self.last_step} {how}{last} "
+            f"{self.out_dir}: steps {self.first_step}..{self.last_step} {how}{last}{batch} "
             f"in {self.seconds:.1f} s"
         )
 
@@ -98,7 +102,10 @@ def train(cfg: Config) -> RunSummary:
     start = 0
     if restored is not None:
         start, state = restored
-        log.info("resumed from %s at step %d", mgr.directory, start)
+        if jax.process_index() == 0:
+            print(f"resumed from {out / 'checkpoints'} at step {start}", flush=True)
+    if jax.process_index() == 0:  # the steps after `start` run again: log them once
+        drop_steps_after(out / "metrics.jsonl", start)
     summary = RunSummary(out, start, start)
     saved = start
     frames, flops = task.cost(cfg)
@@ -110,6 +117,8 @@ def train(cfg: Config) -> RunSummary:
         with (out / "metrics.jsonl").open("a") as metrics_file:
             for step in range(start, cfg.train.steps):
                 batch = shard_batch(task.device_batch(next(iterator)), mesh, rules)
+                if not summary.global_batch:
+                    summary.global_batch = _announce(cfg, batch)
                 params, mutable, opt_state, metrics = step_fn(
                     state["params"],
                     state["mutable"],
@@ -149,6 +158,24 @@ def train(cfg: Config) -> RunSummary:
         mgr.close()
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _announce(cfg: Config, batch: dict[str, jax.Array]) -> int:
+    """Print (process 0) and return the global batch the steps take: `data.batch_size` rows,
+    each host reading its share, as `sfm compile` assumes."""
+    rows = {x.shape[0] for x in batch.values()}
+    if rows != {cfg.data.batch_size}:
+        raise RuntimeError(
+            f"global batch of {sorted(rows)} rows for data.batch_size={cfg.data.batch_size}"
+        )
+    hosts = jax.process_count()
+    if jax.process_index() == 0:
+        print(
+            f"global batch {cfg.data.batch_size} ({cfg.data.batch_size // hosts} rows on each of "
+            f"{hosts} host{'s' * (hosts > 1)}, {jax.device_count()} devices)",
+            flush=True,
+        )
+    return cfg.data.batch_size
 
 
 def _check_finite(values: dict[str, float], step: int, cfg: Config) -> None:

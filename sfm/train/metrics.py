@@ -6,6 +6,8 @@ MFU is model FLOPs utilisation: analytic training FLOPs per step (forward + back
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -62,8 +64,36 @@ def peak_flops(devices: list[Any] | None = None) -> float | None:
     return total
 
 
+def drop_steps_after(path: Path, step: int) -> int:
+    """Keep the records of `path` (metrics.jsonl) up to `step`; returns how many were dropped.
+
+    A run resumed from the checkpoint of `step` replays the steps after it, so their records
+    from before the kill would otherwise be logged twice. A line cut short by the kill goes too.
+    """
+    if not path.exists():
+        return 0
+    text = path.read_text()
+    kept = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # cut short by the kill
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    if "".join(kept) != text:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return len(text.splitlines()) - len(kept)
+
+
 class Reporter:
-    """TensorBoard writer (process 0) plus a progress bar with ETA, frames/s and MFU."""
+    """TensorBoard writer (process 0) plus a progress bar with ETA, frames/s and MFU.
+
+    Steps are logged from `first_step + 1`; TensorBoard hides the run's earlier events of
+    those steps (a resumed run replays the steps after its checkpoint).
+    """
 
     def __init__(
         self,
@@ -80,7 +110,9 @@ class Reporter:
         if self.main:
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(str(log_dir))
+            earlier = log_dir.is_dir() and any(log_dir.iterdir())
+            purge_step = first_step + 1 if earlier else None
+            self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
         self.bar = tqdm(
             total=steps, initial=first_step, disable=not self.main, unit="step", dynamic_ncols=True
         )

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from sfm.config import Config, dump_yaml
+from sfm.data.config import DataConfig
 from sfm.train.step import LossFn
 
 
@@ -29,7 +30,8 @@ class Task(Protocol):
     def loss_fn(self, cfg: Config) -> LossFn: ...
     def dataset(self, cfg: Config) -> Any: ...
     def device_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
-    def cost(self, cfg: Config) -> tuple[int, float]: ...
+    def batch_shapes(self, cfg: Config) -> dict[str, jax.ShapeDtypeStruct]: ...
+    def cost(self, cfg: Config) -> tuple[int, float]: ...  # per step of the global batch
     def export(self, cfg: Config, model: nnx.Module, out_dir: Path) -> Path: ...
 
 
@@ -42,7 +44,9 @@ class LMTask:
 
         model = LM(cfg.lm, rngs=nnx.Rngs(cfg.seed))
         if cfg.train.init_from:
-            load_lm_weights(model, cfg.train.init_from)
+            from sfm.io.weights import load_weights
+
+            load_weights(model, cfg.train.init_from)
         if cfg.train.lora_rank > 0:
             from sfm.lm.lora import apply_lora
 
@@ -68,10 +72,18 @@ class LMTask:
     def dataset(self, cfg: Config) -> Any:
         from sfm.data.pipeline import build_dataset
 
-        return build_dataset(lm_data_config(cfg))
+        return build_dataset(lm_data_config(cfg), cfg.lm.layout)
 
     def device_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"tokens": host_batch["tokens"], "mask": host_batch["mask"]}
+
+    def batch_shapes(self, cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
+        """The global batch the step takes: tokens int32 / mask bool [batch, streams, seq]."""
+        shape = (cfg.data.batch_size, cfg.lm.n_streams, cfg.data.seq_len)
+        return {
+            "tokens": jax.ShapeDtypeStruct(shape, np.int32),
+            "mask": jax.ShapeDtypeStruct(shape, np.bool_),
+        }
 
     def cost(self, cfg: Config) -> tuple[int, float]:
         """(frames per step, training FLOPs per step)."""
@@ -82,7 +94,7 @@ class LMTask:
 
     def export(self, cfg: Config, model: nnx.Module, out_dir: Path) -> Path:
         """`out_dir/lm.safetensors`: the weights (LoRA merged) and the run's config."""
-        from sfm.checkpoint_io import save_params
+        from sfm.io.params import save_params
         from sfm.lm.lora import merge_lora
 
         if cfg.train.lora_rank > 0:
@@ -93,31 +105,9 @@ class LMTask:
         return path
 
 
-def lm_data_config(cfg: Config) -> Any:
-    """The run's data settings with the stream layout taken from the LM config."""
-    return dataclasses.replace(
-        cfg.data, n_q=cfg.lm.n_q, delays=cfg.lm.delays, seed=cfg.data.seed or cfg.seed
-    )
-
-
-def load_lm_weights(model: nnx.Module, path: str) -> None:
-    """Weights from an sfm params file, or a Moshi LM checkpoint in Kyutai's layout."""
-    from sfm.checkpoint_io import load_params
-
-    if path.endswith(".safetensors") and _is_moshi_checkpoint(path):
-        from sfm.interop.moshi_lm import import_moshi_lm
-
-        nnx.update(model, nnx.state(import_moshi_lm(path, cfg=model.cfg), nnx.Param))
-        return
-    load_params(model, path)
-
-
-def _is_moshi_checkpoint(path: str) -> bool:
-    """True for a safetensors file with Moshi's key names (e.g. `depformer_in.0.weight`)."""
-    from safetensors import safe_open
-
-    with safe_open(path, "np") as f:
-        return any(k.startswith("depformer_in.") for k in f.keys())
+def lm_data_config(cfg: Config) -> DataConfig:
+    """The run's data settings, seeded by the run's seed unless `data.seed` is set."""
+    return dataclasses.replace(cfg.data, seed=cfg.data.seed or cfg.seed)
 
 
 def get_task(cfg: Config) -> Task:

@@ -15,6 +15,7 @@ from flax import nnx
 
 from sfm.codec.config import CodecConfig
 from sfm.codec.model import Mimi
+from sfm.io.tensors import InteropError, read_tensors, widen, write_tensors
 
 Array = np.ndarray
 Entry = tuple[str, str, str]  # (kyutai key, sfm state path, layout kind)
@@ -34,10 +35,6 @@ _ALIASES = {
     "self_attn.in_proj_weight": ("self_attn.in_projs.0.weight", "self_attn.in_proj.weight"),
     "self_attn.out_proj.weight": ("self_attn.out_projs.0.weight",),
 }
-
-
-class InteropError(ValueError):
-    """A checkpoint that does not match the expected layout or config."""
 
 
 def _conv(tkey: str, path: str, bias: bool = True) -> Iterator[Entry]:
@@ -201,25 +198,9 @@ def load_flat_into(model: Mimi, flat: Mapping[str, Array], *, source: str = "che
     nnx.update(model, state)
 
 
-def is_kyutai_mimi(path: str | Path) -> bool:
-    """Whether a safetensors file holds a Mimi in Kyutai's layout (read from its header)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "numpy") as f:
-            return any(k.startswith("encoder.model.0.conv") for k in f.keys())  # noqa: SIM118
-    except Exception:  # not safetensors at all: let the caller's loader report it
-        return False
-
-
 def load_kyutai_into(model: Mimi, path: str | Path) -> None:
     """Load a Kyutai Mimi safetensors file into an existing sfm Mimi of the same config."""
-    from safetensors.numpy import load_file
-
-    try:
-        tensors = load_file(str(path))
-    except Exception as exc:  # safetensors raises several types for truncated or foreign files
-        raise InteropError(f"{path}: not a readable safetensors file ({exc})") from None
+    tensors = {k: widen(v) for k, v in read_tensors(path).items()}
     load_flat_into(model, torch_to_sfm(tensors, model.cfg, source=str(path)), source=str(path))
 
 
@@ -232,6 +213,4 @@ def import_mimi(path: str | Path, cfg: CodecConfig, *, seed: int = 0) -> Mimi:
 
 def export_mimi(model: Mimi, path: str | Path) -> None:
     """Write the codec in Kyutai's safetensors layout (loadable by moshi's `get_mimi`)."""
-    from safetensors.numpy import save_file
-
-    save_file(sfm_to_torch(model_to_flat(model), model.cfg), str(path))
+    write_tensors(path, sfm_to_torch(model_to_flat(model), model.cfg))

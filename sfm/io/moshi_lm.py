@@ -11,7 +11,6 @@ Both are read; the fused form is written by default.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import re
 from collections.abc import Iterator, Mapping
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sfm.interop.mimi import InteropError
+from sfm.io.tensors import InteropError, read_tensors, widen, write_tensors
 from sfm.lm.config import DepthConfig, LMConfig, TemporalConfig, gated_hidden
 from sfm.lm.model import LM
 
@@ -418,56 +417,14 @@ def sfm_to_torch(
 # ---- files -------------------------------------------------------------------------------------
 
 
-_DTYPES = {  # safetensors dtype names -> little-endian numpy types (BF16 handled apart)
-    "F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
-    "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
-}  # fmt: skip
-
-
-def read_safetensors(path: str | Path) -> dict[str, Array]:
-    """All tensors of a safetensors file as numpy arrays, floats widened to float32.
-
-    The numpy loader of `safetensors` has no bfloat16: files holding bf16 are memory-mapped
-    instead and each bf16 tensor widened (a float32 with the same top 16 bits)."""
-    from safetensors.numpy import load_file
-
-    try:
-        return {k: _widen(v) for k, v in load_file(str(path)).items()}
-    except TypeError:  # "data type 'bfloat16' not understood"
-        pass
-    raw = np.memmap(str(path), np.uint8, mode="r")
-    size = int(np.frombuffer(raw[:8].tobytes(), "<u8")[0])
-    header = json.loads(raw[8 : 8 + size].tobytes())
-    header.pop("__metadata__", None)
-    out = {}
-    for key, info in header.items():
-        begin, end = info["data_offsets"]
-        data = raw[8 + size + begin : 8 + size + end]
-        if info["dtype"] == "BF16":
-            value = (data.view("<u2").astype(np.uint32) << 16).view(np.float32)
-        else:
-            value = _widen(np.array(data.view(_DTYPES[info["dtype"]])))
-        out[key] = value.reshape(info["shape"])
-    return out
-
-
-def _widen(x: Array) -> Array:
-    return x.astype(np.float32) if x.dtype.kind == "f" and x.dtype != np.float32 else x
-
-
 def _read(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Array], str]:
     if isinstance(source, str | Path):
-        try:
-            return read_safetensors(source), str(source)
-        except InteropError:
-            raise
-        except Exception as exc:  # safetensors raises several types for foreign files
-            raise InteropError(f"{source}: not a readable safetensors file ({exc})") from None
+        return {k: widen(v) for k, v in read_tensors(source).items()}, str(source)
     tensors = {}
     for key, value in source.items():  # numpy arrays or torch tensors (bf16 widened)
         if hasattr(value, "detach"):
             value = value.detach().float().cpu().numpy()
-        tensors[key] = _widen(np.asarray(value))
+        tensors[key] = widen(np.asarray(value))
     return tensors, "state dict"
 
 
@@ -500,6 +457,4 @@ def import_moshi_lm(
 def export_moshi_lm(model: LM, path: str | Path, *, fused: bool = True) -> None:
     """Write the LM as a float32 Kyutai safetensors file (loadable by moshi's `get_moshi_lm`
     with `lm_kwargs=moshi_lm_kwargs(model.cfg)`)."""
-    from safetensors.numpy import save_file
-
-    save_file(sfm_to_torch(model, model.cfg, fused=fused), str(path))
+    write_tensors(path, sfm_to_torch(model, model.cfg, fused=fused))

@@ -1,4 +1,4 @@
-"""Run the codec over whole files: chunked streaming encode/decode and `.npz` code files.
+"""The codec over whole files: chunked streaming encode/decode and `.npz` code files.
 
 Long audio goes through `StreamingCodec` in fixed chunks of CHUNK_FRAMES frames, so one
 compiled step serves any length: the last chunk is zero-padded and the output trimmed.
@@ -10,32 +10,24 @@ import dataclasses
 import math
 import os
 import sys
-import tempfile
-import time
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
-from sfm.checkpoint_io import load_params, read_config_yaml
 from sfm.codec.config import CodecConfig
 from sfm.codec.model import Mimi
 from sfm.codec.streaming import StreamingCodec
-from sfm.config import Config, ConfigError, load_config
-from sfm.eval.codec_metrics import mel_distance, si_sdr
-from sfm.interop.mimi import is_kyutai_mimi, load_kyutai_into
+from sfm.errors import SfmError
 
 CHUNK_FRAMES = 25  # 2 s at Mimi's 12.5 Hz
-DEFAULT_PRESET = "mimi"
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 PROGRESS_MIN_SECONDS = 10.0
 PathLike = str | os.PathLike[str]
 
 
-class CodesError(ValueError):
+class CodesError(SfmError, ValueError):
     """A user-facing problem with a code file; the message is one line naming the file."""
 
 
@@ -179,123 +171,8 @@ def load_codes(path: PathLike, cfg: CodecConfig) -> CodeFile:
     return CodeFile(arrays["codes"].astype(np.int32), n_samples)
 
 
-def resolve_preset(spec: str | None) -> Path:
-    """A config path: a file as given, `tiny` -> configs/codec/tiny.yaml, or one under configs/."""
-    spec = spec or DEFAULT_PRESET
-    codec_dir = PRESET_DIR / "codec"
-    candidates = [
-        Path(spec),
-        PRESET_DIR.parent / spec,
-        codec_dir / spec,
-        codec_dir / f"{spec}.yaml",
-    ]
-    for path in candidates:
-        if path.is_file():
-            return path
-    presets = sorted(p.stem for p in codec_dir.glob("*.yaml"))
-    raise ConfigError(
-        f"{spec}: no such config file or codec preset "
-        f"(presets: {', '.join(presets) or 'none found'})"
-    )
-
-
-def _config_from_checkpoint(checkpoint: PathLike, overrides: Sequence[str]) -> Config | None:
-    """The config stored in a checkpoint's metadata with `overrides` applied, if it has one."""
-    text = read_config_yaml(checkpoint)
-    if text is None:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "sfm_config.yaml"
-        path.write_text(text, encoding="utf-8")
-        try:
-            return load_config(path, overrides)
-        except ConfigError as e:
-            where = f"{os.fspath(checkpoint)} (stored config)"
-            raise ConfigError(str(e).replace(str(path), where)) from None
-
-
-def load_run_config(
-    config: str | None, checkpoint: PathLike | None, overrides: Sequence[str]
-) -> Config:
-    """The run's config: --config, else the checkpoint's stored config, else the Mimi preset."""
-    if checkpoint is not None:
-        stored = _config_from_checkpoint(checkpoint, overrides)  # also checks it is readable
-        if stored is not None and config is None:
-            return stored
-    return load_config(resolve_preset(config), overrides)
-
-
-def build_codec(cfg: Config, checkpoint: PathLike | None = None) -> Mimi:
-    """The codec of `cfg`, randomly initialised from `cfg.seed` or loaded from `checkpoint`
-    (an sfm checkpoint, or a Mimi in Kyutai's safetensors layout such as Moshi's release)."""
-    model = Mimi(cfg.codec, rngs=nnx.Rngs(cfg.seed))
-    if checkpoint is not None and is_kyutai_mimi(checkpoint):
-        load_kyutai_into(model, checkpoint)
-    elif checkpoint is not None:
-        load_params(model, checkpoint)
-    return model
-
-
-@dataclasses.dataclass(frozen=True)
-class RoundtripReport:
-    """What one encode + decode of a signal cost and how close it came back."""
-
-    seconds: float
-    frames: int
-    n_q: int
-    codes_per_second: float
-    bitrate_kbps: float
-    mel_distance: float
-    si_sdr: float
-    encode_rtf: float
-    decode_rtf: float
-
-    def rows(self) -> list[tuple[str, str]]:
-        """(name, value) pairs for printing as a table."""
-        return [
-            ("duration", f"{self.seconds:.2f} s"),
-            ("frames", str(self.frames)),
-            ("codebooks (n_q)", str(self.n_q)),
-            ("codes per second", f"{self.codes_per_second:g}"),
-            ("bitrate", f"{self.bitrate_kbps:.3f} kbps"),
-            ("mel distance", f"{self.mel_distance:.4f}"),
-            ("SI-SDR", f"{self.si_sdr:.2f} dB"),
-            ("encode real-time factor", f"{self.encode_rtf:.4f}"),
-            ("decode real-time factor", f"{self.decode_rtf:.4f}"),
-        ]
-
-
-def format_rows(rows: Sequence[tuple[str, str]]) -> str:
-    """Two aligned columns, one row per line."""
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
-
-
 def warm_up(codec: StreamingCodec) -> None:
     """Compile the chunk encode and decode steps so that later timings exclude compilation."""
     cfg = codec.cfg
     codes_kt = encode_wav(codec, np.zeros(CHUNK_FRAMES * cfg.frame_size, np.float32))
     decode_codes(codec, codes_kt)
-
-
-def roundtrip(codec: StreamingCodec, wav_t: np.ndarray) -> tuple[np.ndarray, RoundtripReport]:
-    """Encode then decode `wav_t`; returns the decoded audio and a report against the input."""
-    cfg = codec.cfg
-    seconds = wav_t.shape[0] / cfg.sample_rate
-    start = time.perf_counter()
-    codes_kt = encode_wav(codec, wav_t)
-    encoded = time.perf_counter()
-    out_t = decode_codes(codec, codes_kt, wav_t.shape[0])
-    decoded = time.perf_counter()
-    report = RoundtripReport(
-        seconds=seconds,
-        frames=codes_kt.shape[1],
-        n_q=codes_kt.shape[0],
-        codes_per_second=cfg.n_q * cfg.frame_rate,
-        bitrate_kbps=bitrate_kbps(cfg),
-        mel_distance=mel_distance(wav_t, out_t, cfg.sample_rate),
-        si_sdr=si_sdr(wav_t, out_t),
-        encode_rtf=(encoded - start) / seconds,
-        decode_rtf=(decoded - encoded) / seconds,
-    )
-    return out_t, report

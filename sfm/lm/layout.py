@@ -1,4 +1,8 @@
-"""LM stream layout: [text, K model codebooks, K user codebooks], per-stream delays, loss masks.
+"""The LM's stream layout: [text, K model codebooks, K user codebooks], delays, loss masks.
+
+One owner for the layout that the model defines and the data code builds records in: token
+constants, delays (validated here), delay/undelay of single records (numpy) and of batches
+(jax.numpy, imported on use so that config loading stays free of jax), the record format.
 
 Conventions (Moshi, REFERENCE §2):
 - stream 0 is the aligned text (TEXT_PAD=3 fills gaps, TEXT_EPAD=0 marks the frame before a word);
@@ -13,14 +17,14 @@ tokens; the user's streams are inputs and never carry loss.
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from sfm.data.text_stream import TEXT_EPAD, TEXT_PAD
-
+TEXT_EPAD = 0  # end of padding: "a word starts on the next frame" (Moshi's id)
+TEXT_PAD = 3  # nothing said on this frame (Moshi's id)
 IGNORE = -1  # the "zero embedding": an absent input, never a loss target
 INITIAL = -2  # the stream's initial token: fills the frames before a delayed stream starts
 
@@ -29,6 +33,17 @@ def moshi_delays(n_q: int, acoustic_delay: int = 1) -> tuple[int, ...]:
     """Moshi delays: text and semantic codebooks undelayed, acoustic codebooks shifted."""
     side = (0,) + (acoustic_delay,) * (n_q - 1)
     return (0,) + side + side
+
+
+def check_delays(delays: Sequence[int], n_q: int, key: str = "delays") -> None:
+    """Raise ValueError naming `key` unless `delays` has one entry >= 0 per stream."""
+    n_streams = 1 + 2 * n_q
+    if len(delays) != n_streams:
+        raise ValueError(
+            f"{key}: {len(delays)} entries, expected {n_streams} (1 text + 2 x n_q={n_q} codebooks)"
+        )
+    if min(delays) < 0:
+        raise ValueError(f"{key}: must be >= 0, got {list(delays)}")
 
 
 @dataclass(frozen=True)
@@ -42,10 +57,7 @@ class StreamLayout:
     ignore: int = IGNORE
 
     def __post_init__(self) -> None:
-        if len(self.delays) != self.n_streams:
-            raise ValueError(f"delays has {len(self.delays)} entries, expected {self.n_streams}")
-        if min(self.delays) < 0:
-            raise ValueError(f"delays must be >= 0, got {self.delays}")
+        check_delays(self.delays, self.n_q)
 
     @property
     def n_streams(self) -> int:
@@ -88,6 +100,40 @@ def undo_delays(tokens_st: np.ndarray, delays: tuple[int, ...]) -> np.ndarray:
     """Inverse of apply_delays: [S, T + max(delays)] -> [S, T]."""
     length = tokens_st.shape[1] - max(delays)
     return np.stack([tokens_st[s, d : d + length] for s, d in enumerate(delays)])
+
+
+def delay(codes_bst: Any, delays: Sequence[int], fill: int = INITIAL) -> Any:
+    """Batched, same-length delay (jax): stream s of [B, S, T] shifted right by delays[s]
+    frames; its first frames get `fill` and its last delays[s] frames drop off."""
+    import jax.numpy as jnp
+
+    t = codes_bst.shape[2]
+    out = []
+    for s, d in enumerate(delays):
+        row = codes_bst[:, s]
+        if d:
+            row = jnp.concatenate([jnp.full_like(row[:, :d], fill), row[:, : t - d]], axis=1)
+        out.append(row)
+    return jnp.stack(out, axis=1)
+
+
+def undelay(x_bst: Any, delays: Sequence[int]) -> tuple[Any, Any]:
+    """Inverse of `delay` on any [B, S, T, ...] jax array: (values, valid [B, S, T]).
+
+    Frame t of stream s is read from delayed frame t + delays[s]; the last delays[s] frames
+    have no source and are marked invalid (their values are zeros)."""
+    import jax.numpy as jnp
+
+    b, _, t = x_bst.shape[:3]
+    vals, valid = [], []
+    for s, d in enumerate(delays):
+        row = x_bst[:, s]
+        if d:
+            row = jnp.concatenate([row[:, d:], jnp.zeros_like(row[:, :d])], axis=1)
+        vals.append(row)
+        valid.append(jnp.arange(t) < t - d)
+    mask = jnp.broadcast_to(jnp.stack(valid)[None], (b, len(delays), t))
+    return jnp.stack(vals, axis=1), mask
 
 
 def decode_record(data: bytes) -> dict[str, Any]:

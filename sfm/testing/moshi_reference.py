@@ -1,4 +1,4 @@
-"""Torch-side helpers for the Mimi parity tests and benchmark: a moshi Mimi built from an
+"""The PyTorch reference side of the parity tests and benchmarks: a moshi Mimi built from an
 sfm `CodecConfig`, random codebooks, numpy state dicts and test audio.
 
 Only tests and benchmarks import this module (it imports torch and moshi).
@@ -25,7 +25,7 @@ from sfm.codec.config import (  # noqa: E402
     SeanetConfig,
 )
 from sfm.codec.model import Mimi  # noqa: E402
-from sfm.interop.mimi import torch_to_sfm  # noqa: E402
+from sfm.io.mimi import torch_to_sfm  # noqa: E402
 
 # A small Mimi with the real frame size (1920 samples at 24 kHz) for fast parity tests. Its
 # attention context (40 steps = 1.6 s at 25 Hz) is shorter than the test clips, so streaming

@@ -1,41 +1,19 @@
-"""Save and load every Variable of an NNX module as a flat safetensors file with its config."""
+"""The sfm weight format: every Variable of an NNX module in one safetensors file, keyed by
+its state path (`layers/0/kernel`), with the run's config YAML in the metadata."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
-import ml_dtypes
 import numpy as np
-import safetensors
 from flax import nnx
 
+from sfm.io.tensors import CheckpointError, PathLike, read_metadata, read_tensors, write_tensors
+
 CONFIG_KEY = "sfm_config"
-PathLike = str | os.PathLike[str]
-
-# safetensors header dtype codes -> numpy dtypes (bfloat16 through ml_dtypes).
-_DTYPES: dict[str, Any] = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U64": np.uint64,
-    "U32": np.uint32,
-    "U16": np.uint16,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-
-
-class CheckpointError(ValueError):
-    """A user-facing problem with a checkpoint file; the message is one line naming the file."""
 
 
 def _key(path: tuple[Any, ...]) -> str:
@@ -63,48 +41,13 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 def save_params(model: nnx.Module, path: PathLike, config_yaml: str) -> None:
     """Write all of `model`'s Variables to `path`, with `config_yaml` in the file's metadata."""
-    tensors = {}
-    for key, var in _variables(model):
-        arr = _to_numpy(var.get_value())
-        tensors[key] = {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": arr.tobytes()}
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.serialize_file(tensors, str(p), metadata={CONFIG_KEY: config_yaml})
-
-
-def _unreadable(path: PathLike) -> CheckpointError:
-    """The one error for files that are missing, truncated or not safetensors at all."""
-    return CheckpointError(
-        f"{os.fspath(path)}: not a readable safetensors file (truncated or corrupt)"
-    )
-
-
-def _read_tensors(path: PathLike) -> dict[str, np.ndarray]:
-    """Read every tensor in the file into numpy arrays, keeping their stored dtypes."""
-    try:
-        raw = Path(path).read_bytes()
-        entries = safetensors.deserialize(raw)
-    except (OSError, safetensors.SafetensorError):
-        raise _unreadable(path) from None
-    out = {}
-    for name, entry in entries:
-        if entry["dtype"] not in _DTYPES:
-            raise CheckpointError(
-                f"{os.fspath(path)}: tensor '{name}' has unsupported dtype {entry['dtype']}"
-            )
-        dtype = _DTYPES[entry["dtype"]]
-        out[name] = np.frombuffer(entry["data"], dtype=dtype).reshape(entry["shape"])
-    return out
+    tensors = {key: _to_numpy(var.get_value()) for key, var in _variables(model)}
+    write_tensors(path, tensors, {CONFIG_KEY: config_yaml})
 
 
 def read_config_yaml(path: PathLike) -> str | None:
     """The config YAML stored in a checkpoint's metadata, or None when it has none."""
-    try:
-        with safetensors.safe_open(str(path), framework="numpy") as f:
-            metadata = f.metadata() or {}
-    except (OSError, safetensors.SafetensorError):
-        raise _unreadable(path) from None
-    return metadata.get(CONFIG_KEY)
+    return read_metadata(path).get(CONFIG_KEY)
 
 
 def _mismatches(expected: dict[str, tuple[int, ...]], found: dict[str, np.ndarray]) -> list[str]:
@@ -142,7 +85,7 @@ def _assign(var: nnx.Variable, arr: np.ndarray) -> None:
 
 def load_params(model: nnx.Module, path: PathLike) -> None:
     """Load `path` into an already-built `model`; keys and shapes must match it exactly."""
-    found = _read_tensors(path)
+    found = read_tensors(path)
     variables = dict(_variables(model))
     expected = {k: _expected_shape(v.get_value()) for k, v in variables.items()}
     problems = _mismatches(expected, found)

@@ -1,0 +1,1 @@
+"""The Mimi-compatible codec: SEANet, split RVQ, streaming, discriminators, losses, files."""
