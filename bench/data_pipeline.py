@@ -19,13 +19,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from absl import flags
+import sfm.host
 
-from sfm.data import pipeline as pl
-from sfm.data.tokenize import shard_name, text_record_bytes, write_shard
-from sfm.lm import layout as lay
-from sfm.testing.records import FRAME_RATE, speech_record
+sfm.host.configure()  # before anything imports jax
+
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+
+from sfm.data import pipeline as pl  # noqa: E402
+from sfm.data.tokenize import shard_name, text_record_bytes, write_shard  # noqa: E402
+from sfm.lm import layout as lay  # noqa: E402
+from sfm.testing.records import FRAME_RATE, speech_record  # noqa: E402
 
 RECORDS_PER_SHARD = 64
 

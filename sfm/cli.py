@@ -82,8 +82,8 @@ def _config(args: argparse.Namespace) -> Config:
 
 def _encode(args: argparse.Namespace) -> None:
     """`sfm codec encode`: audio file -> code file (inputs are checked before building)."""
-    from sfm.audio import load_audio
     from sfm.codec.files import bitrate_kbps, encode_wav, save_codes
+    from sfm.data.audio import load_audio
 
     cfg = _config(args)
     wav_t = load_audio(args.input, cfg.codec.sample_rate, args.channel)
@@ -97,8 +97,8 @@ def _encode(args: argparse.Namespace) -> None:
 
 def _decode(args: argparse.Namespace) -> None:
     """`sfm codec decode`: code file -> WAV."""
-    from sfm.audio import save_audio
     from sfm.codec.files import decode_codes, load_codes
+    from sfm.data.audio import save_audio
 
     cfg = _config(args)
     code_file = load_codes(args.input, cfg.codec)
@@ -112,8 +112,8 @@ def _decode(args: argparse.Namespace) -> None:
 
 def _roundtrip(args: argparse.Namespace) -> None:
     """`sfm codec roundtrip`: encode + decode one file and print the report."""
-    from sfm.audio import load_audio, save_audio
     from sfm.codec.files import warm_up
+    from sfm.data.audio import load_audio, save_audio
     from sfm.eval.roundtrip import format_rows, roundtrip
 
     cfg = _config(args)
@@ -211,7 +211,8 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `sfm` argument parser; each leaf sets `run` to its command function."""
+    """The `sfm` argument parser; each leaf sets `run` to its command function, and `jit`
+    when the command compiles programs (those use the on-disk compile cache)."""
     parser = argparse.ArgumentParser(prog="sfm", description="Speech foundation model tools.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     codec = commands.add_parser("codec", help="encode audio to codes and back")
@@ -221,19 +222,19 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("input", help="audio file (any rate; mixed to mono)")
     enc.add_argument("output", help="code file to write (.npz)")
     _codec_options(enc, channel=True)
-    enc.set_defaults(run=_encode)
+    enc.set_defaults(run=_encode, jit=True)
 
     dec = codec_cmds.add_parser("decode", help="codes (.npz) -> WAV")
     dec.add_argument("input", help="code file written by `sfm codec encode`")
     dec.add_argument("output", help="WAV file to write")
     _codec_options(dec, channel=False)
-    dec.set_defaults(run=_decode)
+    dec.set_defaults(run=_decode, jit=True)
 
     rt = codec_cmds.add_parser("roundtrip", help="encode + decode; print quality and bitrate")
     rt.add_argument("input", help="audio file")
     rt.add_argument("--out", default=None, help="also write the decoded audio here")
     _codec_options(rt, channel=True)
-    rt.set_defaults(run=_roundtrip)
+    rt.set_defaults(run=_roundtrip, jit=True)
 
     quick = commands.add_parser(
         "quickstart", help="synthetic data -> codec -> LM pretraining -> duplex -> spoken reply"
@@ -242,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument(
         "--steps-scale", type=float, default=1.0, help="multiply every training length"
     )
-    quick.set_defaults(run=_quickstart)
+    quick.set_defaults(run=_quickstart, jit=True)
 
     data = commands.add_parser("data", help="build training data")
     data_cmds = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -276,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--checkpoint", default=None, help="codec parameters (default: random)")
     tok.add_argument("--shard-size", type=int, default=256, help="records per shard")
     tok.add_argument("--batch-size", type=int, default=16, help="codec batch (channels)")
-    tok.set_defaults(run=_data_tokenize)
+    tok.set_defaults(run=_data_tokenize, jit=True)
     txt = data_cmds.add_parser("tokenize-text", help="text lines -> token ArrayRecord shards")
     txt.add_argument("text_file", metavar="TEXT_FILE", help="UTF-8 text, one document per line")
     txt.add_argument("--tokenizer", required=True, help="SentencePiece .model")
@@ -294,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         "config", metavar="CONFIG", help="YAML preset, e.g. configs/train/tiny_pretrain.yaml"
     )
     tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    tr.set_defaults(run=_train)
+    tr.set_defaults(run=_train, jit=True)
     comp = commands.add_parser(
         "compile", help="compile the train step for a TPU topology; print memory and FLOPs"
     )
@@ -339,9 +340,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int | None] = args.run
     import sfm.host
 
-    sfm.host.configure()  # before jax is imported
-    enable_compile_cache()
     try:
+        sfm.host.configure(compile_only=args.command == "compile")  # before jax is imported
+        if getattr(args, "jit", False):
+            enable_compile_cache()
         status = run(args)  # None, or an exit status of the command's own
     except USER_ERRORS as err:
         print(f"sfm: error: {_one_line(err)}", file=sys.stderr)

@@ -134,6 +134,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, prefix: str = "") ->
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         key = _join(prefix, str(name))
+        if name not in fields and key in MOVED_KEYS:
+            raise ConfigError(f"{key}: no longer a setting: the LM's {MOVED_KEYS[key]} is used")
         if name not in fields:
             raise ConfigError(f"{key}: unknown key{_did_you_mean(str(name), list(fields))}")
         kwargs[name] = _convert(hints[name], value, key)
@@ -372,6 +374,34 @@ def load_config(
     for key, value in _parse_overrides(overrides).items():
         _apply_override(raw, key, value, defaults)
     return from_dict(cls, raw)
+
+
+# Keys that older versions of sfm wrote (a checkpoint stores its run's whole config) and the
+# setting that replaced each. A stored config drops them; a preset that sets one is told.
+MOVED_KEYS: dict[str, str] = {"data.n_q": "lm.n_q", "data.delays": "lm.delays"}
+
+
+def load_stored_config(text: str, source: str, overrides: Sequence[str] = ()) -> Config:
+    """The config YAML stored in a checkpoint (`source` names it in errors), keys of older
+    versions dropped (MOVED_KEYS), with `overrides` applied."""
+    try:
+        raw = yaml.load(text, Loader=_Loader) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: bad stored config: {_yaml_problem(err)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: bad stored config: expected a mapping, got {_describe(raw)}")
+    for key in MOVED_KEYS:
+        section, _, name = key.rpartition(".")
+        node = raw.get(section)
+        if isinstance(node, dict):
+            node.pop(name, None)
+    defaults = _defaults(Config)
+    try:
+        for key, value in _parse_overrides(overrides).items():
+            _apply_override(raw, key, value, defaults)
+        return from_dict(Config, raw)
+    except ConfigError as err:
+        raise ConfigError(f"{source} (stored config): {err}") from None
 
 
 def _read_preset(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:

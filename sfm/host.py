@@ -38,6 +38,13 @@ import glob
 import os
 import re
 
+from sfm.errors import SfmError
+
+
+class HostSettingError(SfmError, ValueError):
+    """An environment variable that sfm reads has a bad value; the message names it."""
+
+
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -112,7 +119,7 @@ def configure_for_cpu() -> bool:
     `retain_freed_memory` unless SFM_HOST_MEMORY=system (True when that was applied)."""
     choice = os.environ.get("SFM_HOST_MEMORY", "retain")
     if choice not in ("retain", "system"):
-        raise ValueError(f"SFM_HOST_MEMORY must be 'retain' or 'system', got {choice!r}")
+        raise HostSettingError(f"SFM_HOST_MEMORY: must be 'retain' or 'system', got {choice!r}")
     if os.environ.get("JAX_PLATFORMS", "") != "cpu":
         return False
     widen_collective_thread_pool()
@@ -125,11 +132,15 @@ def cpu_only_host() -> bool:
     return not (accelerators or os.path.exists("/dev/vfio"))
 
 
-def configure() -> None:
+def configure(*, compile_only: bool = False) -> None:
     """Apply sfm's process-wide settings (module docstring); call before importing jax.
 
     Sets JAX_PLATFORMS=cpu on a host without accelerators (unless set), then, for a CPU-only
-    jax, `configure_for_cpu`. Calling it again changes nothing more."""
-    if "JAX_PLATFORMS" not in os.environ and cpu_only_host():
+    jax, `configure_for_cpu`. `compile_only`: the process only compiles for other machines
+    (`sfm compile`), so jax stays on the CPU even where accelerators are, and libtpu's host
+    discovery stays local. Calling it again changes nothing more."""
+    if compile_only:
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    if "JAX_PLATFORMS" not in os.environ and (compile_only or cpu_only_host()):
         os.environ["JAX_PLATFORMS"] = "cpu"
     configure_for_cpu()

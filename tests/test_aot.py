@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from sfm import cli
-from sfm.config import load_config
+from sfm.config import ConfigError, load_config
 from sfm.lm.model import LM
 from sfm.parallel.mesh import build_mesh
 from sfm.train import aot
@@ -110,7 +110,7 @@ def test_a_global_batch_that_does_not_divide_over_the_hosts_is_refused() -> None
     assert batch["tokens"].shape == (6, cfg.lm.n_streams, 32)  # one host, 2-way: fine
     v5p_32 = aot.topology_devices(aot.parse_topology("v5p-32"))  # 4 hosts x 4 chips
     four_hosts = build_mesh(load_config(TINY, ["mesh.ici_data=2", "mesh.ici_fsdp=-1"]).mesh, v5p_32)
-    with pytest.raises(aot.AotError, match=r"data.batch_size: the global batch 6 must divide"):
+    with pytest.raises(ConfigError, match=r"data.batch_size: the global batch 6 must divide"):
         aot.abstract_batch(cfg, LMTask(), four_hosts)
 
 

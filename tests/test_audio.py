@@ -1,4 +1,4 @@
-"""Tests for sfm.audio: resampling, channel handling, and one-line errors for bad files."""
+"""Tests for sfm.data.audio: resampling, channel handling, and one-line errors for bad files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from sfm.audio import AudioError, NonFiniteAudioError, load_audio, save_audio
+from sfm.data.audio import AudioError, NonFiniteAudioError, load_audio, save_audio
 
 
 def _sine(freq: float, rate: int, seconds: float) -> np.ndarray:

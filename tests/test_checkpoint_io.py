@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -12,7 +13,7 @@ import safetensors
 from flax import nnx
 
 from sfm.io.params import load_params, read_config_yaml, save_params
-from sfm.io.tensors import CheckpointError
+from sfm.io.tensors import CheckpointError, read_tensors, write_tensors
 
 
 class Counter(nnx.Variable):
@@ -132,3 +133,38 @@ def test_failed_load_leaves_model_untouched(saved: Path) -> None:
         load_params(model, saved)
     for key, value in _flat(model).items():
         np.testing.assert_array_equal(value, before[key])
+
+
+@pytest.mark.parametrize(
+    "entry, metadata",
+    [
+        ({"dtype": "F32", "shape": [-2, -2], "data_offsets": [0, 16]}, None),
+        ({"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [0, 0]}, None),  # int64 wraps
+        ({"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]}, None),
+        ({"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}, None),
+        ({"dtype": "F32", "shape": "1", "data_offsets": [0, 4]}, None),
+        ({"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}, None),  # size != offsets
+        ({"dtype": "F32", "shape": [8], "data_offsets": [0, 32]}, None),  # past the end
+        ({"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, [1]),
+    ],
+)
+def test_tampered_headers_are_one_line_errors(
+    tmp_path: Path, entry: dict, metadata: object
+) -> None:
+    header = {"w": entry} if metadata is None else {"__metadata__": metadata, "w": entry}
+    text = json.dumps(header).encode()
+    path = tmp_path / "tampered.safetensors"
+    path.write_bytes(len(text).to_bytes(8, "little") + text + bytes(16))
+    for fn in (read_tensors, read_config_yaml):
+        with pytest.raises(CheckpointError) as err:
+            fn(path)
+        assert "not a readable safetensors file" in _assert_one_line(err, path)
+
+
+def test_tensors_read_are_copies_not_views_of_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    write_tensors(path, {"w": np.arange(4, dtype=np.float32), "s": np.array(2, np.int32)})
+    got = read_tensors(path)
+    assert got["s"].shape == () and int(got["s"]) == 2
+    path.write_bytes(b"")  # the file changes; what was read does not
+    np.testing.assert_array_equal(got["w"], np.arange(4, dtype=np.float32))

@@ -243,7 +243,11 @@ def test_bad_checkpoint(work: Path, capsys: pytest.CaptureFixture[str], case: st
         ckpt.write_bytes(ckpt.read_bytes()[:-100])
     argv = ["codec", "encode", str(work / "in.wav"), str(work / "x.npz"), "--checkpoint", str(ckpt)]
     line = _run_error(capsys, argv, str(ckpt))
-    expect = "does not match the config" if case == "mismatch" else "not a readable safetensors"
+    expect = {
+        "missing": "no such checkpoint file",
+        "truncated": "not a readable safetensors",
+        "mismatch": "does not match the config",
+    }[case]
     assert expect in line
 
 

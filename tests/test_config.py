@@ -15,6 +15,7 @@ from sfm.config import (
     dump_yaml,
     from_dict,
     load_config,
+    load_stored_config,
     parse_override,
     resolve_preset,
     to_dict,
@@ -348,3 +349,26 @@ def test_resolve_preset_finds_files_and_names() -> None:
     with pytest.raises(ConfigError) as err:
         resolve_preset("nope", "codec")
     assert str(err.value) == "nope: no such config file or codec preset (presets: mimi, tiny)"
+
+
+def test_configs_stored_by_older_versions_still_load() -> None:
+    """Checkpoints store their run's whole config; keys that moved are dropped on reading."""
+    old = to_dict(load_config(TINY))
+    old["data"] |= {"n_q": 8, "delays": [0] * 17}
+    cfg = load_stored_config(
+        yaml.safe_dump(old, sort_keys=False), "old.safetensors", ["codec.n_q=2"]
+    )
+    assert cfg == load_config(TINY, ["codec.n_q=2"])
+    with pytest.raises(ConfigError) as err:
+        load_stored_config(
+            yaml.safe_dump(old, sort_keys=False), "old.safetensors", ["codec.nope=1"]
+        )
+    assert str(err.value).startswith("old.safetensors (stored config): codec.nope: unknown key")
+
+
+def test_a_preset_setting_a_moved_key_is_told_where_it_went(tmp_path: Path) -> None:
+    preset = tmp_path / "p.yaml"
+    preset.write_text("data: {n_q: 4}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(preset)
+    assert str(err.value) == "data.n_q: no longer a setting: the LM's lm.n_q is used"

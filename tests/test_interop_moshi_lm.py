@@ -15,7 +15,6 @@ Configs:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from sfm.io.moshi_lm import (  # noqa: E402
     sfm_to_torch,
     torch_to_sfm,
 )
-from sfm.io.tensors import InteropError  # noqa: E402
+from sfm.io.tensors import CheckpointError, InteropError  # noqa: E402
 from sfm.lm.config import LMConfig  # noqa: E402
 from sfm.lm.layout import delay  # noqa: E402
 from sfm.lm.loss import lm_loss_fn  # noqa: E402
@@ -55,6 +54,8 @@ from sfm.testing.moshi_reference import (  # noqa: E402
     numpy_state_dict,
     random_lm_codes,
 )
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 BATCH = 2
 FRAMES = 12
@@ -106,14 +107,6 @@ class PairCache:
         if name not in self._pairs:
             self._pairs[name] = Pair(name, self._tmp_factory.mktemp(f"lm_{name}"))
         return self._pairs[name]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -320,5 +313,5 @@ def test_truncated_checkpoint(pairs: PairCache, tmp_path: Path) -> None:
     data = pairs["tiny"].checkpoint.read_bytes()
     path = tmp_path / "truncated.safetensors"
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(InteropError, match=str(path)):
+    with pytest.raises(CheckpointError, match=f"{path}: not a readable safetensors file"):
         import_moshi_lm(path, pairs["tiny"].cfg)

@@ -4,7 +4,7 @@
     4  train, eval, infer               loops, metrics, serving
     3  data, io                         corpora and pipelines; weight files
     2  codec, lm                        the models
-    1  nn, kernels, parallel, audio     layers, kernels, mesh and rules, audio files
+    1  nn, kernels, parallel            layers, kernels, mesh and rules
     0  config modules                   typed dataclasses and what they need: `*/config.py`,
                                         `sfm.config`, `sfm.errors`, `sfm.host`, `sfm.lm.layout`
 
@@ -27,7 +27,7 @@ LAYERS = {
     "train": 4, "eval": 4, "infer": 4,
     "data": 3, "io": 3,
     "codec": 2, "lm": 2,
-    "nn": 1, "kernels": 1, "parallel": 1, "audio": 1,
+    "nn": 1, "kernels": 1, "parallel": 1,
 }  # fmt: skip
 CONFIG_MODULES = {"sfm", "sfm.config", "sfm.errors", "sfm.host", "sfm.lm.layout"}
 
@@ -110,21 +110,24 @@ def test_the_check_catches_an_upward_import(tmp_path: Path) -> None:
     assert layer("sfm.train.config") == layer("sfm.lm.layout") == 0
 
 
-# Loads every preset the way `sfm train` does, then lists what got imported.
+# Loads every preset the way `sfm train` does and prints `sfm --help` and `sfm train --help`,
+# then lists what got imported.
 LIGHT_SCRIPT = """
-import os, sys
+import contextlib, io, os, sys
 from pathlib import Path
 before = dict(os.environ)
 import sfm, sfm.cli, sfm.config
 for path in sorted(Path("configs").rglob("*.yaml")):
     sfm.config.load_config(path)
+with contextlib.redirect_stdout(io.StringIO()):
+    assert sfm.cli.main(["--help"]) == 0 and sfm.cli.main(["train", "--help"]) == 0
 changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))
 heavy = [m for m in ("jax", "flax", "grain", "tensorflow_datasets", "torch") if m in sys.modules]
 print(changed, heavy)
 """
 
 
-def test_loading_presets_imports_no_framework_and_changes_no_process_state() -> None:
+def test_presets_and_help_import_no_framework_and_change_no_process_state() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "NPROC")}
     cmd = [sys.executable, "-c", LIGHT_SCRIPT]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=True)

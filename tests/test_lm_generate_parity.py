@@ -8,7 +8,6 @@ wraps around many times) and "7b_shaped" (Moshi 7B's layout at reduced size).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
@@ -22,16 +21,10 @@ from sfm.io.moshi_lm import import_moshi_lm  # noqa: E402
 from sfm.lm.generate import Generator, SamplingConfig  # noqa: E402
 from sfm.testing.moshi_reference import MOSHI_LM_CONFIGS, build_moshi_lm, numpy_state_dict  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 BATCH = 2
 FRAMES = 60
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _user_codes(n_user: int, card: int, seed: int = 0) -> np.ndarray:

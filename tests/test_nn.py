@@ -9,7 +9,6 @@ import pytest
 from flax import nnx
 
 from sfm.nn import (
-    GatedMlp,
     LayerNorm,
     MultiHeadAttention,
     RMSNorm,
@@ -17,6 +16,7 @@ from sfm.nn import (
     StreamingConvTranspose1d,
     Transformer,
     apply_rope,
+    gated_mlp,
     reset_where,
 )
 
@@ -164,6 +164,6 @@ def test_transformer_streaming_and_reset():
 
 
 def test_gated_mlp_shape():
-    mlp = GatedMlp(8, 12, rngs=nnx.Rngs(0))
+    mlp = gated_mlp(8, 12, rngs=nnx.Rngs(0))
     assert mlp(jnp.ones((1, 3, 8))).shape == (1, 3, 8)
     assert mlp.linear_in.kernel.shape == (24, 8)  # stored [out, in]

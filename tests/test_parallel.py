@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
+from sfm.nn.init import logical
 from sfm.parallel.config import DEFAULT_RULES, MeshConfig
 from sfm.parallel.distributed import initialize_from_env
 from sfm.parallel.mesh import build_mesh
@@ -39,12 +40,12 @@ class TinyMLP(nnx.Module):
     def __init__(self, rngs: nnx.Rngs) -> None:
         self.w_in = nnx.Param(
             jax.random.normal(rngs.params(), (EMBED, HIDDEN)) / EMBED**0.5,
-            out_sharding=("embed", "mlp"),
+            **logical(("embed", "mlp")),
         )
         self.b_in = nnx.Param(jax.random.normal(rngs.params(), (HIDDEN,)))
         self.w_out = nnx.Param(
             jax.random.normal(rngs.params(), (HIDDEN, EMBED)) / HIDDEN**0.5,
-            out_sharding=("mlp", "embed"),
+            **logical(("mlp", "embed")),
         )
 
     def __call__(self, x_bd: jax.Array) -> jax.Array:
@@ -56,7 +57,7 @@ class OddParam(nnx.Module):
     """A parameter whose "mlp" dim (6) no 4-way tensor axis divides."""
 
     def __init__(self) -> None:
-        self.w = nnx.Param(jnp.ones((EMBED, 6)), out_sharding=("embed", "mlp"))
+        self.w = nnx.Param(jnp.ones((EMBED, 6)), **logical(("embed", "mlp")))
 
 
 def _config(data: int, fsdp: int, tensor: int, **dcn: int) -> MeshConfig:

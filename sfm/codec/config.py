@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Literal
 
 # (window size, mel bands) of each log-mel scale; the hop is a quarter window.
 MEL_SCALES: tuple[tuple[int, int], ...] = ((512, 64), (1024, 80), (2048, 128))
@@ -43,6 +44,7 @@ class CodecTransformerConfig:
     context: int = 250
     max_period: float = 10000.0
     norm_eps: float = 1e-5
+    attention_impl: Literal["xla"] = "xla"  # sfm.nn.attention.attention's implementation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +75,11 @@ class CodecConfig:
     param_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        if self.transformer.d_model != self.seanet.dimension:
+            raise ValueError(
+                f"codec.transformer.d_model: {self.transformer.d_model} must equal "
+                f"codec.seanet.dimension {self.seanet.dimension}"
+            )
         q = self.quantizer
         if not q.n_q_semantic <= self.n_q <= q.total_codebooks:
             raise ValueError(

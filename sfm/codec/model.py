@@ -34,6 +34,7 @@ def _codec_transformer(cfg: CodecConfig, rngs: nnx.Rngs) -> Transformer:
         norm="layer_norm",
         norm_eps=t.norm_eps,
         param_dtype=cfg.param_dtype,
+        attention_impl=t.attention_impl,
         rngs=rngs,
     )
 
@@ -44,8 +45,6 @@ class Mimi(nnx.Module):
     def __init__(self, cfg: CodecConfig, *, rngs: nnx.Rngs) -> None:
         self.cfg = cfg
         dim, stride, pd = cfg.seanet.dimension, cfg.resample_stride, cfg.param_dtype
-        if cfg.transformer.d_model != dim:
-            raise ValueError("codec.transformer.d_model: must equal codec.seanet.dimension")
         self.encoder = SeanetEncoder(cfg.seanet, param_dtype=pd, rngs=rngs)
         self.encoder_transformer = _codec_transformer(cfg, rngs)
         self.downsample = StreamingConv1d(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sfm.audio import save_audio
+from sfm.data.audio import save_audio
 from sfm.data.synth import Utterance, Voice, synthesize, voices
 from sfm.data.synth_corpus import Summary
 from sfm.data.text import QAPair, qa_pairs, sentences

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from sfm.audio import resample
+from sfm.data.audio import resample
 from sfm.data.tfds_speech import SAMPLE_RATE, BadRecord, BadRecords, check_words, to_example
 
 LIBRISPEECH_RATE = 16000

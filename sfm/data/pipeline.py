@@ -242,7 +242,7 @@ class HostRows(grain.MapDataset):
         super().__init__(parent)
         self.batch, (self.index, self.count) = batch, shard
         if batch % self.count:
-            raise ValueError(f"data.batch_size: {batch} is not divisible by {self.count} hosts")
+            raise DataError(f"data.batch_size: {batch} is not divisible by {self.count} hosts")
         self.rows = batch // self.count
 
     def __len__(self) -> int:

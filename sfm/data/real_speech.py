@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sfm.audio import load_audio, resample, save_audio
+from sfm.data.audio import load_audio, resample, save_audio
 from sfm.errors import SfmError
 
 SAMPLE_RATE = 24000

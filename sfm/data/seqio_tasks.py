@@ -17,13 +17,14 @@ import numpy as np
 
 from sfm.data import pipeline as pl
 from sfm.data.config import DataConfig
+from sfm.errors import SfmError
 from sfm.lm.layout import StreamLayout
 
 SPLITS = ("train",)
 SHUFFLE_BUFFER = 256
 
 
-class SeqioUnavailableError(ImportError):
+class SeqioUnavailableError(SfmError, ImportError):
     """seqio (and TensorFlow) are not installed."""
 
 

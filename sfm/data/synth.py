@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sfm.audio import resample
+from sfm.data.audio import resample
 from sfm.errors import SfmError
 
 ESPEAK_ACCENTS = (

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from os import PathLike
 from pathlib import Path
 
-from sfm.audio import save_audio
+from sfm.data.audio import save_audio
 from sfm.data.synth import ENGINES, SynthError, Utterance, Voice, synthesize, voices
 from sfm.data.text import qa_pairs, read_text_file, sentences
 

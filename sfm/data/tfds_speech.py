@@ -31,7 +31,7 @@ import numpy as np
 import soundfile as sf
 import tensorflow_datasets as tfds
 
-from sfm.audio import AudioError, NonFiniteAudioError, PathLike, load_audio
+from sfm.data.audio import AudioError, NonFiniteAudioError, PathLike, load_audio
 from sfm.errors import SfmError
 
 SAMPLE_RATE = 24000

@@ -45,8 +45,9 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sfm.audio import PathLike
 from sfm.codec.model import Mimi
+from sfm.data.audio import PathLike
+from sfm.data.config import DataConfig
 from sfm.data.text_stream import TimedWord, place_words
 from sfm.data.tfds_speech import BAD_RECORDS_FILE, BadRecords, prepare
 from sfm.data.tokenizer import encode_word, load_tokenizer
@@ -412,7 +413,7 @@ def tokenize_dataset(
 # ---------------------------------------------------------------- text-only shards
 
 TEXT_SPLIT = "text"
-TEXT_SEQ_TOKENS = 250  # DataConfig.seq_len's default: one window covers one sequence
+TEXT_SEQ_TOKENS = DataConfig.seq_len  # the default window covers one sequence
 ENCODE_BATCH = 4096  # lines per SentencePiece call
 
 

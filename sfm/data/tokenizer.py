@@ -20,7 +20,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from sfm.audio import PathLike
+from sfm.data.audio import PathLike
 from sfm.errors import SfmError
 from sfm.lm.layout import TEXT_EPAD, TEXT_PAD
 

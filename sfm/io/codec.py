@@ -4,14 +4,12 @@ its weights (random, or from an sfm or Kyutai checkpoint)."""
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 from flax import nnx
 
 from sfm.codec.model import Mimi
-from sfm.config import Config, ConfigError, load_config, resolve_preset
+from sfm.config import Config, load_config, load_stored_config, resolve_preset
 from sfm.io.params import read_config_yaml
 from sfm.io.tensors import PathLike
 from sfm.io.weights import load_weights
@@ -19,29 +17,15 @@ from sfm.io.weights import load_weights
 DEFAULT_PRESET = "mimi"
 
 
-def _config_from_checkpoint(checkpoint: PathLike, overrides: Sequence[str]) -> Config | None:
-    """The config stored in a checkpoint's metadata with `overrides` applied, if it has one."""
-    text = read_config_yaml(checkpoint)
-    if text is None:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "sfm_config.yaml"
-        path.write_text(text, encoding="utf-8")
-        try:
-            return load_config(path, overrides)
-        except ConfigError as e:
-            where = f"{os.fspath(checkpoint)} (stored config)"
-            raise ConfigError(str(e).replace(str(path), where)) from None
-
-
 def load_run_config(
     config: str | None, checkpoint: PathLike | None, overrides: Sequence[str]
 ) -> Config:
-    """The run's config: --config, else the checkpoint's stored config, else the Mimi preset."""
+    """The run's config: --config, else the checkpoint's stored config, else the Mimi preset.
+    A checkpoint is checked to be readable either way."""
     if checkpoint is not None:
-        stored = _config_from_checkpoint(checkpoint, overrides)  # also checks it is readable
+        stored = read_config_yaml(checkpoint)
         if stored is not None and config is None:
-            return stored
+            return load_stored_config(stored, os.fspath(checkpoint), overrides)
     return load_config(resolve_preset(config or DEFAULT_PRESET, "codec"), overrides)
 
 

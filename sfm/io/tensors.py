@@ -1,14 +1,16 @@
 """safetensors files as numpy arrays: the one reader and writer behind every weight format.
 
-Tensors are memory-mapped from the file and keep their stored dtype (bfloat16 through
-ml_dtypes, which the `safetensors` package's numpy loader cannot produce), so a 7B checkpoint
-is read lazily and a bf16 release converts without a detour through torch. A missing,
-truncated or foreign file raises one `CheckpointError` naming it.
+Tensors keep their stored dtype (bfloat16 through ml_dtypes, which the `safetensors`
+package's numpy loader cannot produce), so a bf16 release converts without a detour through
+torch. They are read into memory (copies: a model loaded from a file never aliases it). The
+header is checked before any data is read: a missing, truncated, tampered or foreign file
+raises one `CheckpointError` naming it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -80,6 +82,10 @@ def read_header(path: PathLike) -> tuple[dict[str, Any], dict[str, str], int]:
     if not isinstance(header, dict):
         raise _unreadable(path)
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise _unreadable(path, "metadata is not a mapping of strings")
     start = _HEADER_BYTES + size
     for name, entry in header.items():
         _check_entry(path, name, entry, file_size - start)
@@ -92,15 +98,23 @@ def _check_entry(path: PathLike, name: str, entry: Any, data_bytes: int) -> None
         dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
     except (TypeError, KeyError, ValueError):
         raise _unreadable(path, f"bad header entry for '{name}'") from None
+    if not isinstance(dtype, str) or not isinstance(shape, list):
+        raise _unreadable(path, f"bad header entry for '{name}'")
+    if not all(_is_count(n) for n in (*shape, begin, end)):
+        raise _unreadable(path, f"bad header entry for '{name}'")
     if dtype not in DTYPES:
         raise CheckpointError(f"{os.fspath(path)}: tensor '{name}' has unsupported dtype {dtype}")
-    want = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
+    want = math.prod(shape) * DTYPES[dtype].itemsize  # Python ints: no overflow
     if not 0 <= begin <= end <= data_bytes or end - begin != want:
         raise _unreadable(path)
 
 
+def _is_count(n: Any) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+
+
 def read_tensors(path: PathLike) -> dict[str, np.ndarray]:
-    """Every tensor of the file, memory-mapped read-only, in its stored dtype."""
+    """Every tensor of the file in its stored dtype (arrays of their own, not views of it)."""
     header, _, start = read_header(path)
     if not header:
         return {}
@@ -108,7 +122,7 @@ def read_tensors(path: PathLike) -> dict[str, np.ndarray]:
     out = {}
     for name, entry in header.items():
         begin, end = entry["data_offsets"]
-        chunk = data[start + begin : start + end]
+        chunk = np.array(data[start + begin : start + end])
         out[name] = chunk.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
     return out
 

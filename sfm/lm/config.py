@@ -105,6 +105,7 @@ class LMConfig:
     loss: LossConfig = LossConfig()
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; norms and softmax stay float32
+    attention_impl: Literal["xla"] = "xla"  # sfm.nn.attention.attention's implementation
 
     def __post_init__(self) -> None:
         check_delays(self.delays, self.n_q, "lm.delays")

@@ -17,6 +17,7 @@ from flax import nnx
 from sfm.lm.layout import IGNORE, INITIAL
 from sfm.nn.attention import Impl, attention, cached_attention, causal_mask, heads_first, init_cache
 from sfm.nn.init import logical, normal, uniform
+from sfm.nn.mlp import GatedMlp
 from sfm.nn.norm import RMSNorm
 from sfm.nn.rope import apply_rope
 from sfm.parallel.rules import constrain
@@ -131,25 +132,6 @@ def _per_step(w: jax.Array, steps: tuple[int, ...], t: int) -> jax.Array:
     return w[jnp.asarray(steps)]
 
 
-class GatedMlp(nnx.Module):
-    """linear_out(silu(a) * b), [a, b] = linear_in(x): Moshi's SiLU gating, per-step weights."""
-
-    def __init__(
-        self, dim: int, hidden: int, *, n_weights: int, param_dtype: str, rngs: nnx.Rngs
-    ) -> None:
-        self.hidden = hidden
-        kw: dict[str, Any] = dict(n_weights=n_weights, param_dtype=param_dtype, rngs=rngs)
-        self.linear_in = StepLinear(dim, 2 * hidden, axes=("embed", "mlp"), **kw)
-        self.linear_out = StepLinear(hidden, dim, axes=("mlp", "embed"), **kw)
-
-    def __call__(
-        self, x_btd: jax.Array, steps: Steps = None, *, time_major: bool = False
-    ) -> jax.Array:
-        ab = self.linear_in(x_btd, steps, time_major=time_major)
-        a, b = ab[..., : self.hidden], ab[..., self.hidden :]
-        return self.linear_out(jax.nn.silu(a) * b, steps, time_major=time_major)
-
-
 class Attention(nnx.Module):
     """Causal self-attention, fused [q | k | v] projection, optional RoPE and context window,
     grouped keys; per-step weights (see StepLinear). The attention is `sfm.nn.attention`'s."""
@@ -229,15 +211,19 @@ class Layer(nnx.Module):
         norm_eps: float,
         n_weights: int = 1,
         param_dtype: str = "float32",
+        impl: Impl = "xla",
         rngs: nnx.Rngs,
     ) -> None:
         kw: dict[str, Any] = dict(n_weights=n_weights, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = RMSNorm(dim, eps=norm_eps, param_dtype=param_dtype)
         self.self_attn = Attention(
-            dim, num_heads, kv_heads, context=context, max_period=max_period, **kw
+            dim, num_heads, kv_heads, context=context, max_period=max_period, impl=impl, **kw
         )
         self.norm2 = RMSNorm(dim, eps=norm_eps, param_dtype=param_dtype)
-        self.gating = GatedMlp(dim, hidden, **kw)
+        self.gating = GatedMlp(
+            StepLinear(dim, 2 * hidden, axes=("embed", "mlp"), **kw),
+            StepLinear(hidden, dim, axes=("mlp", "embed"), **kw),
+        )
 
     def __call__(
         self, x_btd: jax.Array, pos_bt: jax.Array, steps: Steps = None, time_major: bool = False

@@ -91,6 +91,7 @@ def _layer_kw(t: Any, context: int | None, max_period: float | None, cfg: LMConf
         max_period=max_period,
         norm_eps=t.norm_eps,
         param_dtype=cfg.param_dtype,
+        impl=cfg.attention_impl,
     )
 
 

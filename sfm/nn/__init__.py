@@ -3,7 +3,7 @@
 from sfm.nn.attention import MultiHeadAttention
 from sfm.nn.conv import StreamingConv1d, StreamingConvTranspose1d
 from sfm.nn.linear import LayerScale, Linear
-from sfm.nn.mlp import GatedMlp, Mlp
+from sfm.nn.mlp import GatedMlp, Mlp, gated_mlp
 from sfm.nn.norm import LayerNorm, RMSNorm
 from sfm.nn.rope import apply_rope
 from sfm.nn.streaming import reset_where
@@ -22,5 +22,6 @@ __all__ = [
     "Transformer",
     "TransformerLayer",
     "apply_rope",
+    "gated_mlp",
     "reset_where",
 ]

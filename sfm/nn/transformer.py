@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sfm.nn.attention import MultiHeadAttention
+from sfm.nn.attention import Impl, MultiHeadAttention
 from sfm.nn.linear import LayerScale
-from sfm.nn.mlp import GatedMlp, Mlp
+from sfm.nn.mlp import Mlp, gated_mlp
 from sfm.nn.norm import LayerNorm, RMSNorm
 
 State = dict[str, Any]
@@ -32,6 +32,7 @@ class TransformerLayer(nnx.Module):
         norm_eps: float = 1e-5,
         gating: bool = False,
         param_dtype: str = "float32",
+        attention_impl: Impl = "xla",
         rngs: nnx.Rngs,
     ) -> None:
         norm_cls = LayerNorm if norm == "layer_norm" else RMSNorm
@@ -42,10 +43,11 @@ class TransformerLayer(nnx.Module):
             context=context,
             max_period=max_period,
             param_dtype=param_dtype,
+            impl=attention_impl,
             rngs=rngs,
         )
         self.norm2 = norm_cls(dim, eps=norm_eps, param_dtype=param_dtype)
-        mlp_cls = GatedMlp if gating else Mlp
+        mlp_cls = gated_mlp if gating else Mlp
         self.mlp = mlp_cls(dim, dim_feedforward, param_dtype=param_dtype, rngs=rngs)
         self.layer_scale_1 = LayerScale(dim, layer_scale) if layer_scale is not None else None
         self.layer_scale_2 = LayerScale(dim, layer_scale) if layer_scale is not None else None

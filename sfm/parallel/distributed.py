@@ -15,12 +15,19 @@ import os
 
 import jax
 
+from sfm.errors import SfmError
+
 try:  # private JAX modules: only used to detect a Cloud TPU pod before initializing
     from jax._src import cloud_tpu_init as _cloud_tpu_init
     from jax._src import clusters as _clusters
 except ImportError:  # pragma: no cover - depends on the JAX version
     _cloud_tpu_init = None
     _clusters = None
+
+
+class LaunchError(SfmError, ValueError):
+    """The launcher's environment variables are incomplete or malformed; one line names them."""
+
 
 ENV_COORDINATOR = "SFM_COORDINATOR"
 ENV_NUM_PROCESSES = "SFM_NUM_PROCESSES"
@@ -65,15 +72,17 @@ def _env_settings() -> _EnvSettings | None:
         return None
     missing = [name for name in _ENV_VARS if name not in present]
     if missing:
-        raise ValueError(f"{', '.join(missing)}: must be set together with {', '.join(present)}")
+        raise LaunchError(f"{', '.join(missing)}: must be set together with {', '.join(present)}")
     num_processes = _env_int(ENV_NUM_PROCESSES, present[ENV_NUM_PROCESSES])
     process_id = _env_int(ENV_PROCESS_ID, present[ENV_PROCESS_ID])
     if num_processes < 1 or not 0 <= process_id < num_processes:
-        raise ValueError(
+        raise LaunchError(
             f"{ENV_PROCESS_ID}: {process_id} is not in [0, {ENV_NUM_PROCESSES}={num_processes})"
         )
     if ":" not in present[ENV_COORDINATOR]:
-        raise ValueError(f"{ENV_COORDINATOR}: expected host:port, got {present[ENV_COORDINATOR]!r}")
+        raise LaunchError(
+            f"{ENV_COORDINATOR}: expected host:port, got {present[ENV_COORDINATOR]!r}"
+        )
     return _EnvSettings(present[ENV_COORDINATOR], num_processes, process_id)
 
 
@@ -81,7 +90,7 @@ def _env_int(name: str, text: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"{name}: expected an integer, got {text!r}") from None
+        raise LaunchError(f"{name}: expected an integer, got {text!r}") from None
 
 
 def _initialize_explicit(settings: _EnvSettings) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
+from sfm.config import ConfigError
 from sfm.parallel.config import MESH_AXES, MeshConfig
 
 
@@ -31,9 +32,9 @@ def _checked_dcn_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
     remaining = num_devices
     for field, size in zip(_fields("dcn"), cfg.dcn_shape, strict=True):
         if size < 1:
-            raise ValueError(f"{field}: must be a positive size, got {size}")
+            raise ConfigError(f"{field}: must be a positive size, got {size}")
         if remaining % size:
-            raise ValueError(f"{field}: {size} does not divide {remaining} devices")
+            raise ConfigError(f"{field}: {size} does not divide {remaining} devices")
         remaining //= size
     return tuple(cfg.dcn_shape)
 
@@ -43,18 +44,18 @@ def _resolved_ici_shape(cfg: MeshConfig, per_slice: int) -> tuple[int, ...]:
     fields = _fields("ici")
     wildcards = [f for f, size in zip(fields, cfg.ici_shape, strict=True) if size == -1]
     if len(wildcards) > 1:
-        raise ValueError(f"{', '.join(wildcards)}: at most one ici size may be -1")
+        raise ConfigError(f"{', '.join(wildcards)}: at most one ici size may be -1")
     remaining = per_slice
     for field, size in zip(fields, cfg.ici_shape, strict=True):
         if size == -1:
             continue
         if size < 1:
-            raise ValueError(f"{field}: must be a positive size or -1, got {size}")
+            raise ConfigError(f"{field}: must be a positive size or -1, got {size}")
         if remaining % size:
-            raise ValueError(f"{field}: {size} does not divide {remaining} devices")
+            raise ConfigError(f"{field}: {size} does not divide {remaining} devices")
         remaining //= size
     if not wildcards and remaining != 1:
-        raise ValueError(
+        raise ConfigError(
             f"mesh.ici_*: shape {cfg.ici_shape} uses {per_slice // remaining} of the "
             f"{per_slice} devices per slice; make the product equal or set one size to -1"
         )
@@ -71,7 +72,7 @@ def _device_array(
     slice_ids = {getattr(d, "slice_index", 0) for d in devices}
     if len(slice_ids) > 1:
         if len(slice_ids) != num_slices:
-            raise ValueError(
+            raise ConfigError(
                 f"mesh.dcn_*: shape {dcn_shape} needs {num_slices} slices, "
                 f"the devices span {len(slice_ids)}"
             )

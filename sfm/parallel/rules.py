@@ -19,6 +19,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
+from sfm.config import ConfigError
+
 Rules = Sequence[tuple[str, Sequence[str] | str | None]]
 LogicalAxes = PartitionSpec | Sequence[str | Sequence[str] | None]
 ModuleT = TypeVar("ModuleT", bound=nnx.Module)
@@ -126,6 +128,21 @@ def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
     """Sharding for a rank-ndim input whose leading dim is the "batch" logical axis."""
     return NamedSharding(mesh, logical_to_mesh_spec(("batch",) + (None,) * (ndim - 1), rules))
+
+
+def check_global_batch(batch: int, mesh: Mesh, rules: Rules) -> None:
+    """ConfigError naming data.batch_size unless the global batch divides by the mesh's hosts
+    (each reads batch / hosts rows) and by the batch sharding's ways (`sfm train` and
+    `sfm compile` both check it before building a step)."""
+    hosts = len({d.process_index for d in mesh.devices.flat})
+    spec = batch_sharding(mesh, rules, 1).spec[0]
+    axes = spec if isinstance(spec, tuple) else (spec,) if spec else ()
+    ways = math.prod(mesh.shape[a] for a in axes)
+    if batch % hosts or batch % ways:
+        raise ConfigError(
+            f"data.batch_size: the global batch {batch} must divide by the {hosts} "
+            f"host{'s' * (hosts != 1)} and by the {ways}-way batch sharding over {axes}"
+        )
 
 
 def _rule_table(rules: Rules) -> dict[str, list[tuple[str, ...]]]:

@@ -44,7 +44,7 @@ from __future__ import annotations
 if __name__ == "__main__":  # `python -m sfm.train.aot`: host settings before jax is imported
     import sfm.host
 
-    sfm.host.configure()
+    sfm.host.configure(compile_only=True)
 
 import dataclasses  # noqa: E402
 import math  # noqa: E402
@@ -63,7 +63,7 @@ from jax.sharding import Mesh  # noqa: E402
 from sfm.config import Config, ConfigError, load_config, resolve_preset  # noqa: E402
 from sfm.errors import SfmError  # noqa: E402
 from sfm.parallel.mesh import build_mesh  # noqa: E402
-from sfm.parallel.rules import batch_sharding  # noqa: E402
+from sfm.parallel.rules import batch_sharding, check_global_batch  # noqa: E402
 from sfm.train.step import (  # noqa: E402
     TrainParts,
     build_train_step,
@@ -267,8 +267,7 @@ def _size(tree: Any) -> int:
 def abstract_parts(cfg: Config, task: Task, mesh: Mesh) -> TrainParts:
     """TrainParts of ShapeDtypeStructs with shardings: nothing is allocated."""
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=None))
-    with nnx.use_eager_sharding(False):
-        model = nnx.eval_shape(lambda: task.build_model(cfg))
+    model = nnx.eval_shape(lambda: task.build_model(cfg))
     mutable_filter = task.mutable(cfg)
     graphdef, params, mutable, frozen = nnx.split(model, task.trainable(cfg), mutable_filter, ...)
     tx = make_optimizer(cfg.train.optim, cfg.train.steps)
@@ -285,17 +284,8 @@ def abstract_parts(cfg: Config, task: Task, mesh: Mesh) -> TrainParts:
 
 def abstract_batch(cfg: Config, task: Task, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
     """The task's global batch (`data.batch_size` rows), sharded on the batch axis as
-    `shard_batch` places it in training; the batch must divide by the hosts and the sharding."""
-    hosts = len({d.process_index for d in mesh.devices.flat})
-    batch = cfg.data.batch_size
-    spec = batch_sharding(mesh, cfg.mesh.rules, 1).spec
-    axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],) if spec[0] else ()
-    ways = math.prod(mesh.shape[a] for a in axes)
-    if batch % hosts or batch % ways:
-        raise AotError(
-            f"data.batch_size: the global batch {batch} must divide by the {hosts} hosts and "
-            f"by the {ways}-way batch sharding over {axes}"
-        )
+    `shard_batch` places it in training (ConfigError when it does not divide)."""
+    check_global_batch(cfg.data.batch_size, mesh, cfg.mesh.rules)
     return {
         name: jax.ShapeDtypeStruct(
             x.shape, x.dtype, sharding=batch_sharding(mesh, cfg.mesh.rules, len(x.shape))
@@ -343,10 +333,7 @@ def compile_for_topology(cfg: Config, topology: str, label: str = "config") -> C
     except ValueError as err:
         raise AotError(f"{where}: {err}") from err
     task = get_task(cfg)
-    try:
-        batch_args = abstract_batch(cfg, task, mesh)
-    except AotError as err:
-        raise AotError(f"{where}: {err}") from None
+    batch_args = abstract_batch(cfg, task, mesh)
     batch = cfg.data.batch_size
     shape = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
     where = f"{where} (mesh {shape}, batch {batch} x {cfg.data.seq_len})"
@@ -414,9 +401,6 @@ def run(config: str, topology: str, overrides: Sequence[str], *, prefix: str = "
     """Compile CONFIG (with overrides) for the topology and print the report; returns the
     exit status: 0, 1 when it does not fit or compile, 2 for a bad config. Errors are one
     line on stderr, `{prefix}: ...` (`sfm compile` calls this too)."""
-    # Everything is abstract: keep JAX off local accelerators and libtpu's host discovery quiet.
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     try:
         cfg = load_config(resolve_preset(config, "train"), list(overrides))
         report = compile_for_topology(cfg, topology, label=config)

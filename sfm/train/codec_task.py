@@ -255,7 +255,7 @@ class Crops:
     def _wav(self, clip: tuple, rng: np.random.Generator) -> np.ndarray:
         import soundfile as sf
 
-        from sfm.audio import load_audio
+        from sfm.data.audio import load_audio
 
         _, path, frames, channels, rate = clip
         channel = int(rng.integers(channels))

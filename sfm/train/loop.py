@@ -25,6 +25,7 @@ from flax import nnx
 from sfm.config import Config, dump_yaml
 from sfm.parallel.distributed import initialize_from_env
 from sfm.parallel.mesh import build_mesh
+from sfm.parallel.rules import check_global_batch
 from sfm.train import checkpoint as ckpt
 from sfm.train.errors import TrainingStopped
 from sfm.train.metrics import Reporter, drop_steps_after
@@ -82,6 +83,7 @@ def train(cfg: Config) -> RunSummary:
     if jax.process_index() == 0:
         (out / "config.yaml").write_text(dump_yaml(cfg))
     mesh, rules = build_mesh(cfg.mesh), cfg.mesh.rules
+    check_global_batch(cfg.data.batch_size, mesh, rules)
     tx = make_optimizer(cfg.train.optim, cfg.train.steps)
     task = get_task(cfg)
     parts = split_model(
