@@ -115,6 +115,18 @@ def test_a_global_batch_that_does_not_divide_over_the_hosts_is_refused() -> None
 
 
 @needs_libtpu
+@pytest.mark.slow
+def test_the_codec_task_compiles_with_its_own_batch() -> None:
+    """The abstract batch comes from the task: crops of audio for the codec."""
+    small = ["codec_train.disc.n_ffts=[256]", "codec_train.mel_scales=[[256, 32]]"]
+    cfg = load_config(ROOT / "configs" / "train" / "tiny_codec.yaml", small)
+    r = aot.compile_for_topology(cfg, "v5e-4", label="tiny_codec")
+    assert (r.global_batch, r.seq_len, r.unit) == (8, 6000, "samples")
+    assert r.trainable > 0 and r.peak_bytes <= r.hbm_bytes
+    assert "batch                 8 x 6000 samples" in r.table()
+
+
+@needs_libtpu
 def test_7b_without_fsdp_is_out_of_hbm_on_v5e_4() -> None:
     data_parallel = ["mesh.ici_data=-1", "mesh.ici_fsdp=1", "data.batch_size=4", "data.seq_len=250"]
     cfg = load_config(MOSHI_7B, data_parallel)

@@ -192,7 +192,7 @@ class CompileReport:
     hosts: int
     mesh: dict[str, int]
     global_batch: int
-    seq_len: int
+    seq_len: int  # frames of an LM sequence, samples of a codec crop
     params: int  # parameters of the model (trained and frozen)
     trainable: int
     argument_bytes: int
@@ -205,6 +205,7 @@ class CompileReport:
     xla_flops: float  # per device and step, XLA's cost analysis of the compiled program
     model_flops: float  # analytic training FLOPs of the whole step, all devices
     compile_seconds: float
+    unit: str = "frames"  # of seq_len
 
     @property
     def headroom_bytes(self) -> int:
@@ -223,7 +224,7 @@ class CompileReport:
             ("config", self.config),
             ("topology", f"{self.topology} ({self.libtpu_topology}, {hosts})"),
             ("mesh", f"{mesh} ({self.devices} devices)"),
-            ("batch", f"{self.global_batch} x {self.seq_len} frames"),
+            ("batch", f"{self.global_batch} x {self.seq_len} {self.unit}"),
             ("parameters", f"{_count(self.params)} ({_count(self.trainable)} trained)"),
             ("arguments / device", _bytes(self.argument_bytes)),
             ("outputs / device", _bytes(self.output_bytes)),
@@ -335,14 +336,15 @@ def compile_for_topology(cfg: Config, topology: str, label: str = "config") -> C
     task = get_task(cfg)
     batch_args = abstract_batch(cfg, task, mesh)
     batch = cfg.data.batch_size
+    length = next(iter(batch_args.values())).shape[-1]
     shape = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
-    where = f"{where} (mesh {shape}, batch {batch} x {cfg.data.seq_len})"
+    where = f"{where} (mesh {shape}, batch {batch} x {length})"
     parts = abstract_parts(cfg, task, mesh)
     step = build_train_step(parts, task.loss_fn(cfg), cfg.train)
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parts.shardings["replicated"])
     args = (parts.params, parts.mutable, parts.frozen, parts.opt_state)
     compiled, seconds = _compile(step, (*args, batch_args, rng), where)
-    report = _report(cfg, label, topo, mesh, hosts, batch, parts, compiled, seconds)
+    report = _report(cfg, label, topo, mesh, hosts, batch, length, parts, compiled, seconds)
     if report.peak_bytes > report.hbm_bytes:
         raise AotError(
             f"{where}: peak {report.peak_bytes / GiB:.2f} GiB per device exceeds the "
@@ -358,6 +360,7 @@ def _report(
     mesh: Mesh,
     hosts: int,
     batch: int,
+    length: int,
     parts: TrainParts,
     compiled: Any,
     seconds: float,
@@ -381,7 +384,8 @@ def _report(
         hosts=hosts,
         mesh=dict(mesh.shape),
         global_batch=batch,
-        seq_len=cfg.data.seq_len,
+        seq_len=length,
+        unit="samples" if cfg.train.task == "codec" else "frames",
         params=trainable + _size(parts.frozen) + _size(parts.mutable),
         trainable=trainable,
         argument_bytes=mem.argument_size_in_bytes,
