@@ -273,12 +273,12 @@ def test_base_is_deep_merged(tmp_path: Path) -> None:
     write(tmp_path / "base.yaml", "seed: 3\ncodec:\n  n_q: 4\n  seanet:\n    n_filters: 16\n")
     child = write(
         tmp_path / "sub" / "child.yaml",
-        "base: ../base.yaml\ncodec:\n  seanet:\n    dimension: 256\n",
+        "base: ../base.yaml\ncodec:\n  seanet:\n    kernel_size: 5\n",
     )
     cfg = load_config(child, [])
     assert cfg.seed == 3
     assert cfg.codec.n_q == 4
-    assert cfg.codec.seanet == SeanetConfig(n_filters=16, dimension=256)
+    assert cfg.codec.seanet == SeanetConfig(n_filters=16, kernel_size=5)
 
 
 def test_base_list_combines_presets(tmp_path: Path) -> None:
@@ -372,3 +372,8 @@ def test_a_preset_setting_a_moved_key_is_told_where_it_went(tmp_path: Path) -> N
     with pytest.raises(ConfigError) as err:
         load_config(preset)
     assert str(err.value) == "data.n_q: no longer a setting: the LM's lm.n_q is used"
+
+
+def test_codec_transformer_width_must_match_the_seanet_dimension() -> None:
+    with pytest.raises(ConfigError, match=r"^codec.transformer.d_model: 512 must equal"):
+        load_config(None, ["codec.seanet.dimension=256"])
