@@ -267,7 +267,8 @@ def _size(tree: Any) -> int:
 
 def abstract_parts(cfg: Config, task: Task, mesh: Mesh) -> TrainParts:
     """TrainParts of ShapeDtypeStructs with shardings: nothing is allocated."""
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=None))
+    no_init = dataclasses.replace(cfg.train, init_from=None, init_text_from=None)
+    cfg = dataclasses.replace(cfg, train=no_init)
     model = nnx.eval_shape(lambda: task.build_model(cfg))
     mutable_filter = task.mutable(cfg)
     graphdef, params, mutable, frozen = nnx.split(model, task.trainable(cfg), mutable_filter, ...)

@@ -36,6 +36,9 @@ class TrainConfig:
     async_checkpoint: bool = True
     out_dir: str = "runs/default"
     init_from: str | None = None  # a checkpoint to start from (sfm params file or Moshi)
+    # A Llama-style text LM (Hugging Face safetensors) for the temporal transformer, the text
+    # embedding and the text head, as Moshi starts from Helium (sfm.io.llama).
+    init_text_from: str | None = None
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank only
     lora_scaling: float = 2.0
     nan_policy: Literal["stop", "skip"] = "stop"
@@ -45,6 +48,8 @@ class TrainConfig:
         for name in ("steps", "grad_accum", "log_every", "ckpt_every", "keep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.init_from and self.init_text_from:
+            raise ValueError("train.init_text_from: conflicts with train.init_from (set one)")
 
 
 @dataclasses.dataclass(frozen=True)

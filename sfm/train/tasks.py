@@ -39,7 +39,8 @@ class LMTask:
     """Interleaved pretraining or duplex fine-tuning of the speech-text LM."""
 
     def build_model(self, cfg: Config) -> nnx.Module:
-        """A fresh LM, its weights from `train.init_from` when given, LoRA when asked."""
+        """A fresh LM, its weights from `train.init_from` (or its temporal transformer from
+        the text LM `train.init_text_from`) when given, LoRA when asked."""
         from sfm.lm.model import LM
 
         model = LM(cfg.lm, rngs=nnx.Rngs(cfg.seed))
@@ -47,6 +48,10 @@ class LMTask:
             from sfm.io.weights import load_weights
 
             load_weights(model, cfg.train.init_from)
+        if cfg.train.init_text_from:
+            from sfm.io.llama import load_text_lm
+
+            load_text_lm(model, cfg.train.init_text_from)
         if cfg.train.lora_rank > 0:
             from sfm.lm.lora import apply_lora
 
