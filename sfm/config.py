@@ -26,7 +26,7 @@ import yaml
 
 from sfm.codec.config import CodecConfig
 from sfm.data.config import DataConfig
-from sfm.errors import SfmError
+from sfm.errors import ConfigError
 from sfm.lm.config import LMConfig
 from sfm.parallel.config import MeshConfig
 from sfm.train.config import CodecTrainConfig, TrainConfig
@@ -35,10 +35,6 @@ T = TypeVar("T")
 
 _NONE = type(None)
 _MISSING = dataclasses.MISSING
-
-
-class ConfigError(SfmError, ValueError):
-    """A bad config file, key, value or override; the message is one line naming it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -396,9 +392,9 @@ def load_stored_config(text: str, source: str, overrides: Sequence[str] = ()) ->
         if isinstance(node, dict):
             node.pop(name, None)
     defaults = _defaults(Config)
+    for key, value in _parse_overrides(overrides).items():  # the user's: errors name the key
+        _apply_override(raw, key, value, defaults)
     try:
-        for key, value in _parse_overrides(overrides).items():
-            _apply_override(raw, key, value, defaults)
         return from_dict(Config, raw)
     except ConfigError as err:
         raise ConfigError(f"{source} (stored config): {err}") from None

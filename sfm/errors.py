@@ -11,3 +11,7 @@ from __future__ import annotations
 
 class SfmError(Exception):
     """Bad input: the message is one line naming the file, field or key and what is wrong."""
+
+
+class ConfigError(SfmError, ValueError):
+    """A bad config file, key, value or override; the message is one line naming it."""

@@ -11,6 +11,8 @@ call it the same way:
 Platform. With libtpu installed (the `tpu` extra, for ahead-of-time compilation) jax probes for
 TPU chips at start-up and logs errors on a machine that has none, so on a host without TPU
 chips or NVIDIA GPUs `configure` sets JAX_PLATFORMS=cpu. A JAX_PLATFORMS of the user's wins.
+`configure(compile_only=True)` (`sfm compile`, which only compiles for other machines) picks
+the CPU platform on any host and keeps libtpu's host discovery local (TPU_WORKER_HOSTNAMES).
 
 Memory. XLA:CPU allocates the temporaries of an executable afresh at every call (one block,
 ~130 MiB for a small LM's training step). glibc serves a block that large with mmap and hands
@@ -138,7 +140,7 @@ def configure(*, compile_only: bool = False) -> None:
     Sets JAX_PLATFORMS=cpu on a host without accelerators (unless set), then, for a CPU-only
     jax, `configure_for_cpu`. `compile_only`: the process only compiles for other machines
     (`sfm compile`), so jax stays on the CPU even where accelerators are, and libtpu's host
-    discovery stays local. Calling it again changes nothing more."""
+    discovery stays local. Calling it again with the same arguments changes nothing more."""
     if compile_only:
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     if "JAX_PLATFORMS" not in os.environ and (compile_only or cpu_only_host()):

@@ -140,8 +140,8 @@ def test_7b_without_fsdp_is_out_of_hbm_on_v5e_4() -> None:
 
 @pytest.fixture
 def cli_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """main() sets defaults for these; undo them after the test. `sfm` would also turn on
-    the persistent compilation cache for the rest of the test session: keep it off."""
+    """`sfm compile` sets defaults for these (sfm.host.configure(compile_only=True)); undo
+    them after the test, and keep the persistent compilation cache off."""
     for var in ("JAX_PLATFORMS", "TPU_WORKER_HOSTNAMES"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("SFM_COMPILE_CACHE", "off")
@@ -242,3 +242,14 @@ def test_train_step_shards_activations_over_the_batch_axes() -> None:
     forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t).text_logits)
     plain = forward.lower(state, tokens).as_text()
     assert "sharding_constraint" not in plain
+
+
+@needs_libtpu
+@pytest.mark.usefixtures("cli_env")
+def test_a_mesh_that_does_not_suit_the_topology_is_a_config_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["compile", str(TINY), "--topology", "v5e-4", "mesh.ici_data=3"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sfm: error: ") and "mesh.ici_data" in err and "v5e-4" in err

@@ -101,6 +101,39 @@ def test_tied_embeddings_feed_the_text_head(tmp_path: Path) -> None:
     np.testing.assert_allclose(_text_logits(model, tokens), want, rtol=1e-4, atol=1e-4)
 
 
+def test_helium_rotates_pairs_and_is_read_from_its_folder(tmp_path: Path) -> None:
+    """Helium (Moshi's text LM) rotates adjacent pairs, as sfm does: its config.json says so."""
+    torch.manual_seed(0)
+    config = transformers.HeliumConfig(**{**LLAMA, "head_dim": 8, "intermediate_size": 45})
+    helium = transformers.HeliumForCausalLM(config).eval()
+    helium.save_pretrained(tmp_path / "helium", safe_serialization=True)
+    model = LM(_sfm_config(helium), rngs=nnx.Rngs(1))
+    load_text_lm(model, tmp_path / "helium")
+    tokens = np.random.default_rng(2).integers(0, VOCAB, size=(2, FRAMES))
+    with torch.no_grad():
+        want = helium(torch.as_tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(_text_logits(model, tokens), want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_sharded_checkpoint_loads_and_its_config_is_checked(tmp_path: Path) -> None:
+    llama, _ = _llama(tmp_path)
+    llama.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="40KB")
+    assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) > 1
+    cfg = _sfm_config(llama)
+    model = LM(cfg, rngs=nnx.Rngs(1))
+    load_text_lm(model, tmp_path / "sharded" / "model.safetensors.index.json")
+    tokens = np.arange(FRAMES)[None] % VOCAB
+    with torch.no_grad():
+        want = llama(torch.as_tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(_text_logits(model, tokens), want, rtol=1e-4, atol=1e-4)
+    other_base = dataclasses.replace(cfg.temporal, max_period=10000.0)
+    with pytest.raises(InteropError, match="max_period 5000.0, lm.temporal.max_period is 10000"):
+        load_text_lm(
+            LM(dataclasses.replace(cfg, temporal=other_base), rngs=nnx.Rngs(0)),
+            tmp_path / "sharded",
+        )
+
+
 def test_mismatched_config_and_foreign_files_are_one_line_errors(tmp_path: Path) -> None:
     llama, path = _llama(tmp_path)
     cfg = _sfm_config(llama)

@@ -64,3 +64,9 @@ def test_a_checkpoint_for_the_other_model_or_no_format_is_one_line(
     write_tensors(tmp_path / "other.safetensors", {"w": np.zeros(2, np.float32)})
     with pytest.raises(CheckpointError, match=r"not an sfm checkpoint .*\(first tensor: 'w'\)$"):
         checkpoint_format(tmp_path / "other.safetensors")
+
+
+def test_a_text_lm_given_as_a_checkpoint_points_to_init_text_from(tmp_path: Path) -> None:
+    write_tensors(tmp_path / "llama.safetensors", {"model.embed_tokens.weight": np.zeros((4, 2))})
+    with pytest.raises(CheckpointError, match="a Llama-style text LM, .* train.init_text_from$"):
+        checkpoint_format(tmp_path / "llama.safetensors")

@@ -20,16 +20,25 @@ audio embeddings and the depth transformer keep their initialisation.
 | model.norm.weight                                | out_norm.alpha                           |
 | lm_head.weight (tied: embed_tokens)              | text_linear                              |
 
-RoPE: Llama rotates the two halves of each head (`rotate_half`), sfm (as Moshi) adjacent
-pairs; the q and k rows of each head are reordered so that half-dims i and i + d/2 become the
-pair (2i, 2i + 1), which gives the same attention scores. The text vocabulary must be the
-checkpoint's (`lm.text_card` = V); `lm.text_pad` / `lm.text_epad` name two of its ids.
+`path` is a safetensors file, a sharded checkpoint's `model.safetensors.index.json`, or the
+model's folder (with config.json). The whole checkpoint is read into host memory.
+
+RoPE: Llama and Mistral rotate the two halves of each head (`rotate_half`), sfm (as Moshi and
+Helium) adjacent pairs; for a halves model the q and k rows of each head are reordered so that
+half-dims i and i + d/2 become the pair (2i, 2i + 1), which gives the same attention scores.
+Which convention a checkpoint uses comes from `model_type` in the config.json beside it
+(no config.json: Llama's). With a config.json its RoPE base and norm epsilon are checked
+against `lm.temporal`. The LM config must match the checkpoint: `temporal_config_from_llama`
+derives `lm.temporal`; `lm.text_card` is the vocabulary size V; `lm.text_pad` and
+`lm.text_epad` name two ids of that vocabulary.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
@@ -41,11 +50,14 @@ from sfm.lm.config import TemporalConfig
 from sfm.lm.model import LM
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older checkpoints store
+INTERLEAVED_ROPE = frozenset({"helium"})  # model types that rotate adjacent pairs already
 
 
 def temporal_config_from_llama(config: Mapping[str, Any], **overrides: Any) -> TemporalConfig:
     """The temporal config of a Llama-style model's config.json (`overrides`: other fields,
-    e.g. the attention `context`, which Llama does not bound)."""
+    e.g. the attention `context`, which Llama does not bound; Mistral's sliding window is
+    its default)."""
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
     try:
         dim, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
         hidden = int(config["intermediate_size"])
@@ -55,18 +67,49 @@ def temporal_config_from_llama(config: Mapping[str, Any], **overrides: Any) -> T
             num_kv_heads=int(config.get("num_key_value_heads") or heads),
             num_layers=int(config["num_hidden_layers"]),
             dim_feedforward=(3 * hidden + 1) // 2,  # whose gated width (2/3) is `hidden`
-            max_period=float(config.get("rope_theta", 10000.0)),
+            max_period=float(config.get("rope_theta") or rope.get("rope_theta") or 10000.0),
             norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         )
+        if config.get("sliding_window"):
+            fields["context"] = int(config["sliding_window"])
     except (KeyError, TypeError, ValueError) as err:
         raise InteropError(f"text LM config: missing or bad key {err}") from None
     if config.get("head_dim") not in (None, dim // heads):
         raise InteropError(f"text LM config: head_dim {config['head_dim']} != hidden/heads")
     if config.get("attention_bias") or config.get("mlp_bias"):
         raise InteropError("text LM config: attention or MLP biases are not supported")
-    if config.get("rope_scaling"):
-        raise InteropError("text LM config: rope_scaling is not supported")
-    return TemporalConfig(**{**fields, **overrides})
+    if rope.get("rope_type", "default") != "default":
+        raise InteropError(f"text LM config: rope_type {rope['rope_type']!r} is not supported")
+    if config.get("hidden_act", "silu") != "silu":
+        raise InteropError(f"text LM config: hidden_act {config['hidden_act']!r}: sfm has silu")
+    try:
+        return TemporalConfig(**{**fields, **overrides})
+    except TypeError as err:
+        raise InteropError(f"text LM config overrides: {err}") from None
+
+
+def _checkpoint(path: PathLike) -> tuple[list[Path], dict[str, Any] | None]:
+    """The safetensors files of a checkpoint and its config.json (None when absent)."""
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    index = p if p.name.endswith(".index.json") else folder / "model.safetensors.index.json"
+    if p.is_dir() and not index.is_file():
+        p = folder / "model.safetensors"
+    if p.is_dir() or p == index:
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise InteropError(f"{index}: not a readable checkpoint index ({err})") from None
+        files = [folder / shard for shard in shards]
+    else:
+        files = [p]
+    config = None
+    if (folder / "config.json").is_file():
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except ValueError as err:
+            raise InteropError(f"{folder / 'config.json'}: not JSON ({err})") from None
+    return files, config
 
 
 def _rope_rows(w_out_in: np.ndarray, head_dim: int) -> np.ndarray:
@@ -78,25 +121,30 @@ def _rope_rows(w_out_in: np.ndarray, head_dim: int) -> np.ndarray:
 
 
 class _Reader:
-    """The checkpoint's tensors, each taken once and checked against the shape sfm needs."""
+    """The checkpoint's tensors, each taken once (as float32) and checked against the shape
+    sfm needs."""
 
-    def __init__(self, path: PathLike) -> None:
+    def __init__(self, path: PathLike, files: list[Path]) -> None:
         self.path = os.fspath(path)
-        self.tensors = {
-            k: widen(v) for k, v in read_tensors(path).items() if not k.endswith(_IGNORED_SUFFIXES)
-        }
+        self.tensors: dict[str, np.ndarray] = {}
+        for file in files:
+            found = read_tensors(file)
+            self.tensors |= {k: v for k, v in found.items() if not k.endswith(_IGNORED_SUFFIXES)}
         self.used: set[str] = set()
 
     def take(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
         if key not in self.tensors:
-            raise InteropError(f"{self.path}: missing key {key} (is it a Llama-style text LM?)")
+            raise InteropError(
+                f"{self.path}: missing key {key} (not a Llama-style text LM, or one shard of"
+                " one: pass its folder or index)"
+            )
         value = self.tensors[key]
         if value.shape != shape:
             raise InteropError(
                 f"{self.path}: {key} has shape {value.shape}, the LM config needs {shape}"
             )
         self.used.add(key)
-        return value
+        return widen(value)
 
     def check_all_used(self) -> None:
         extra = sorted(set(self.tensors) - self.used)
@@ -104,11 +152,13 @@ class _Reader:
             raise InteropError(f"{self.path}: {len(extra)} unexpected keys, first {extra[0]}")
 
 
-def _layer(r: _Reader, i: int, t: TemporalConfig) -> dict[str, np.ndarray]:
+def _layer(r: _Reader, i: int, t: TemporalConfig, halves: bool) -> dict[str, np.ndarray]:
     """Layer i's parameters in sfm's layout (single weight set: leading axis 1)."""
     p, d, hd = f"model.layers.{i}", t.dim, t.dim // t.num_heads
-    q = _rope_rows(r.take(f"{p}.self_attn.q_proj.weight", (t.num_heads * hd, d)), hd)
-    k = _rope_rows(r.take(f"{p}.self_attn.k_proj.weight", (t.kv_heads * hd, d)), hd)
+    q = r.take(f"{p}.self_attn.q_proj.weight", (t.num_heads * hd, d))
+    k = r.take(f"{p}.self_attn.k_proj.weight", (t.kv_heads * hd, d))
+    if halves:
+        q, k = _rope_rows(q, hd), _rope_rows(k, hd)
     v = r.take(f"{p}.self_attn.v_proj.weight", (t.kv_heads * hd, d))
     gate = r.take(f"{p}.mlp.gate_proj.weight", (t.hidden, d))
     up = r.take(f"{p}.mlp.up_proj.weight", (t.hidden, d))
@@ -140,17 +190,33 @@ def _set(var: nnx.Variable, value: np.ndarray) -> None:
     var.set_value(jnp.asarray(value, old.dtype))
 
 
+def _check_config(path: PathLike, config: Mapping[str, Any], t: TemporalConfig) -> None:
+    """InteropError naming the key when the checkpoint's RoPE base or norm epsilon is not the
+    LM config's (shapes are checked tensor by tensor)."""
+    want = temporal_config_from_llama(config)
+    for name in ("max_period", "norm_eps"):
+        if not np.isclose(getattr(want, name), getattr(t, name), rtol=1e-6, atol=0):
+            raise InteropError(
+                f"{os.fspath(path)}: the checkpoint's config has {name} {getattr(want, name)}, "
+                f"lm.temporal.{name} is {getattr(t, name)}"
+            )
+
+
 def load_text_lm(model: LM, path: PathLike) -> None:
     """Load a Llama-style text LM into `model`'s text embedding, temporal transformer and
     text head (see the module docstring); the rest of `model` is left as it is."""
-    r, cfg = _Reader(path), model.cfg
+    files, config = _checkpoint(path)
+    r, cfg = _Reader(path, files), model.cfg
     t = cfg.temporal
+    if config is not None:
+        _check_config(path, config, t)
+    halves = (config or {}).get("model_type") not in INTERLEAVED_ROPE
     vocab = r.tensors.get("model.embed_tokens.weight", np.empty((cfg.text_card, 0))).shape[0]
     if vocab != cfg.text_card:
         raise InteropError(f"{r.path}: a vocabulary of {vocab}, lm.text_card is {cfg.text_card}")
     embed = r.take("model.embed_tokens.weight", (cfg.text_card, t.dim))
     head = r.take("lm_head.weight", embed.shape) if "lm_head.weight" in r.tensors else embed
-    layers = [_layer(r, i, t) for i in range(t.num_layers)]
+    layers = [_layer(r, i, t, halves) for i in range(t.num_layers)]
     final_norm = r.take("model.norm.weight", (t.dim,))
     r.check_all_used()
 

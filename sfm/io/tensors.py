@@ -50,7 +50,8 @@ class CheckpointError(SfmError, ValueError):
 
 
 class InteropError(CheckpointError):
-    """A Kyutai checkpoint (or moshi option) that does not match the expected layout or config."""
+    """A foreign checkpoint (Kyutai's Mimi or Moshi LM, a Llama-style text LM) or its config
+    that does not match the expected layout or sfm's config."""
 
 
 def _unreadable(path: PathLike, why: str = "truncated or corrupt") -> CheckpointError:

@@ -40,6 +40,11 @@ def checkpoint_format(path: PathLike) -> Format:
     for fmt, prefix in _KYUTAI_PREFIXES.items():
         if any(name.startswith(prefix) for name in tensors):
             return fmt  # type: ignore[return-value]
+    if "model.embed_tokens.weight" in tensors:
+        raise CheckpointError(
+            f"{os.fspath(path)}: a Llama-style text LM, not a full checkpoint: pass it as "
+            "train.init_text_from"
+        )
     first = next(iter(tensors), None)
     raise CheckpointError(
         f"{os.fspath(path)}: not an sfm checkpoint (no {CONFIG_KEY} metadata), a Kyutai Mimi "

@@ -10,7 +10,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from sfm.config import ConfigError
+from sfm.errors import ConfigError
 from sfm.parallel.config import MESH_AXES, MeshConfig
 
 

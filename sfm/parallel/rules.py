@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
-from sfm.config import ConfigError
+from sfm.errors import ConfigError
 
 Rules = Sequence[tuple[str, Sequence[str] | str | None]]
 LogicalAxes = PartitionSpec | Sequence[str | Sequence[str] | None]

@@ -299,8 +299,8 @@ def abstract_batch(cfg: Config, task: Task, mesh: Mesh) -> dict[str, jax.ShapeDt
 def _compile(step: Any, args: tuple[Any, ...], label: str) -> tuple[Any, float]:
     """Lower and compile; out-of-memory becomes an AotError."""
     t0 = time.perf_counter()
-    # A persistent compilation cache (`sfm compile` turns one on) would store the TPU program
-    # but cannot load it back without a TPU client: keep it out of the way.
+    # A persistent compilation cache (one a library user turned on) would store the TPU
+    # program but cannot load it back without a TPU client: keep it out of the way.
     cache = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
     compilation_cache.reset_cache()  # jax decides once whether to use it: decide again
@@ -332,10 +332,10 @@ def compile_for_topology(cfg: Config, topology: str, label: str = "config") -> C
     hosts = len({d.process_index for d in devices})
     try:
         mesh = build_mesh(cfg.mesh, devices)
-    except ValueError as err:
-        raise AotError(f"{where}: {err}") from err
-    task = get_task(cfg)
-    batch_args = abstract_batch(cfg, task, mesh)
+        task = get_task(cfg)
+        batch_args = abstract_batch(cfg, task, mesh)
+    except ConfigError as err:  # a setting that does not suit the topology: exit status 2
+        raise ConfigError(f"{where}: {err}") from None
     batch = cfg.data.batch_size
     length = next(iter(batch_args.values())).shape[-1]
     shape = " ".join(f"{k}={v}" for k, v in mesh.shape.items())

@@ -50,6 +50,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
         if self.init_from and self.init_text_from:
             raise ValueError("train.init_text_from: conflicts with train.init_from (set one)")
+        if self.task == "codec" and (self.init_text_from or self.lora_rank):
+            raise ValueError("train.init_text_from, train.lora_rank: LM settings, not the codec's")
 
 
 @dataclasses.dataclass(frozen=True)
