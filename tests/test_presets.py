@@ -11,7 +11,7 @@ from sfm.config import load_config, resolve_preset
 from sfm.train import aot
 
 # preset under configs/train -> the topology its header comment names
-SIZED_FOR = {"moshi_7b_duplex_lora": "v5e-8"}
+SIZED_FOR = {"moshi_7b_duplex_lora": "v5e-8", "moshi_7b_pretrain": "v5p-128"}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs the tpu extra")
