@@ -2,7 +2,7 @@
 # Submit `sfm train` as an xpk workload on a GKE TPU cluster (one pod per TPU host).
 #
 #   CLUSTER=my-cluster TPU_TYPE=v5p-128 IMAGE=gcr.io/me/sfm:latest \
-#       launch/xpk.sh configs/train/tiny_pretrain.yaml train.out_dir=gs://bucket/runs/r1
+#       launch/xpk.sh configs/train/tiny_pretrain.yaml train.out_dir=/mnt/shared/runs/r1
 #
 # IMAGE must contain this repository set up with `SFM_EXTRAS=tpu bash launch/setup.sh`
 # (working directory = the repository). NUM_SLICES > 1 spreads the mesh over slices (DCN):

@@ -210,6 +210,16 @@ def _compile(args: argparse.Namespace) -> int:
     return aot.run(args.config, args.topology, args.overrides, prefix="sfm: error")
 
 
+def _export(args: argparse.Namespace) -> None:
+    """`sfm export SOURCE OUT --format F`: a run's weights as an sfm or moshi folder."""
+    from sfm.io.export import export
+
+    *files, manifest = export(args.source, args.out, args.format, args.codec)
+    for path in files:
+        print(f"{path.name}: {path.stat().st_size:,} bytes")
+    print(f"manifest: {manifest}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `sfm` argument parser; each leaf sets `run` to its command function, and `jit`
     when the command compiles programs (those use the on-disk compile cache)."""
@@ -270,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
     tt.set_defaults(run=_data_train_tokenizer)
     tok = data_cmds.add_parser("tokenize", help="codes + text streams -> ArrayRecord shards")
-    tok.add_argument("--data", required=True, help="corpus dir or prepared tfds dir")
+    tok.add_argument(
+        "--data", required=True, help="corpus dir, manifest (.jsonl) or prepared tfds dir"
+    )
     tok.add_argument("--out", required=True, help="output folder for the shards")
     tok.add_argument("--tokenizer", required=True, help="SentencePiece .model")
     tok.add_argument("--config", default="tiny", help="codec preset name or YAML path")
@@ -303,6 +315,16 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--topology", required=True, help="v5p-128, v5e-16, v6e-64, v4-32, ...")
     comp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     comp.set_defaults(run=_compile)
+    exp = commands.add_parser(
+        "export", help="a run's weights as a checked folder: sfm's format or Kyutai's (moshi)"
+    )
+    exp.add_argument("source", metavar="SOURCE", help="run directory or sfm weights file")
+    exp.add_argument("out", metavar="OUT", help="folder to create (must not exist or be empty)")
+    exp.add_argument("--format", required=True, choices=("sfm", "moshi"), help="layout of OUT")
+    exp.add_argument(
+        "--codec", default=None, help="codec to include: sfm codec weights or a Kyutai Mimi"
+    )
+    exp.set_defaults(run=_export)
     return parser
 
 

@@ -364,12 +364,45 @@ def load_config(
 def load_config(
     path: str | os.PathLike[str] | None, overrides: Sequence[str] = (), cls: type = Config
 ) -> Any:
-    """Reads the YAML preset at `path` (None: defaults), applies dotted overrides, builds `cls`."""
+    """Reads the YAML preset at `path` (None: defaults), applies overrides, builds `cls`.
+
+    `SECTION=NAME` (SECTION one of SECTION_PRESETS) first swaps that whole section for the
+    same section of a preset (`lm=tiny`: the `lm` of configs/lm/tiny.yaml), so a real recipe
+    runs at test scale; dotted overrides (`lm.dtype=float32`) then apply on top."""
     raw = _read_preset(Path(path)) if path is not None else {}
+    sections, dotted = _section_presets(overrides)
+    for name, spec in sections.items():
+        raw[name] = _preset_section(spec, name)
     defaults = _defaults(cls)
-    for key, value in _parse_overrides(overrides).items():
+    for key, value in _parse_overrides(dotted).items():
         _apply_override(raw, key, value, defaults)
     return from_dict(cls, raw)
+
+
+# Sections an override may replace by a preset's: `lm=tiny`, `codec=mimi`, `mesh=fsdp8`.
+SECTION_PRESETS: tuple[str, ...] = ("codec", "lm", "mesh")
+
+
+def _section_presets(overrides: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """({section: preset name} of the `SECTION=NAME` overrides, the other overrides)."""
+    sections: dict[str, str] = {}
+    rest: list[str] = []
+    for text in overrides:
+        key, value = parse_override(text)
+        if key not in SECTION_PRESETS or not isinstance(value, str):
+            rest.append(text)
+        elif sections.setdefault(key, value) != value:
+            raise ConfigError(f"{key}: conflicting overrides {sections[key]!r} and {value!r}")
+    return sections, rest
+
+
+def _preset_section(spec: str, name: str) -> dict[str, Any]:
+    """The `name` section of the preset `spec` (a configs/<name>/ preset or a YAML path)."""
+    path = resolve_preset(spec, name)
+    section = _read_preset(path).get(name)
+    if not isinstance(section, dict):
+        raise ConfigError(f"{name}={spec}: {path} has no {name} section")
+    return section
 
 
 # Keys that older versions of sfm wrote (a checkpoint stores its run's whole config) and the

@@ -193,6 +193,23 @@ def test_wrong_rule_names_the_rule() -> None:
     assert message.startswith("mesh.rules.batch: expected tuple[str, ...]")
 
 
+def test_section_preset_swaps_the_whole_section_then_dotted_overrides_apply() -> None:
+    recipe = CONFIGS / "train" / "moshi_7b_duplex_lora.yaml"
+    cfg = load_config(recipe, ["lm=tiny", "lm.dtype=float32", "mesh=single", "codec=tiny"])
+    tiny = load_config(CONFIGS / "lm" / "tiny.yaml")
+    assert dataclasses.replace(cfg.lm, dtype=tiny.lm.dtype) == tiny.lm  # nothing of the 7B left
+    assert cfg.lm.dtype == "float32"
+    assert cfg.codec == tiny.codec  # the codec preset's section, its own base merged in
+    assert cfg.mesh == load_config(CONFIGS / "mesh" / "single.yaml").mesh
+    assert (cfg.train.lora_rank, cfg.data.seq_len) == (128, 1250)  # the recipe's other sections
+
+
+def test_section_preset_errors_name_the_override() -> None:
+    assert one_line_error(None, ["lm=tinyy"]).startswith("tinyy: no such config file or lm preset")
+    assert one_line_error(None, ["lm=tiny", "lm=small"]).startswith("lm: conflicting overrides")
+    assert one_line_error(None, ["mesh=" + str(TINY)]).startswith(f"mesh={TINY}: ")
+
+
 def test_post_init_check_becomes_config_error() -> None:
     message = one_line_error(TINY, ["codec.n_q=5"])
     assert message.startswith("codec.n_q: 5 must lie in [1, 4]")

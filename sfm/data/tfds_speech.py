@@ -1,7 +1,9 @@
 """TFDS builders for moshi-finetune speech corpora: records are validated, split and stored.
 
-A corpus is a directory with `manifest.jsonl` ({"path", "duration"} per line); each 24 kHz
-WAV sits beside a JSON {"alignments": [[word, [start_s, end_s], speaker], ...]}. Mono
+A corpus is a directory with `manifest.jsonl` ({"path", "duration"} per line), or a manifest
+file of any name (moshi-finetune's `train.jsonl`), its relative paths read from the
+manifest's folder; each 24 kHz WAV sits beside a JSON
+{"alignments": [[word, [start_s, end_s], speaker], ...]}. Mono
 utterances go to `SpeechUtterances`, stereo dialogues (left = model, right = user) to
 `SpeechDialogues`. Bad records are skipped and counted by reason in `BadRecords`; nothing in
 the corpus can crash preparation. Data is written as ArrayRecord and read without
@@ -38,6 +40,7 @@ SAMPLE_RATE = 24000
 DURATION_TOLERANCE_S = 0.1  # manifest duration vs. the audio's own length
 WORD_SLACK_S = 0.05  # how far a word may end past the last sample
 BAD_RECORDS_FILE = "bad_records.json"
+MANIFEST = "manifest.jsonl"  # a corpus folder's manifest
 
 REASONS: dict[str, str] = {
     "bad_manifest_line": "manifest line is not JSON with a 'path' string and 'duration' number",
@@ -125,9 +128,18 @@ class Record:
 # ---------------------------------------------------------------- manifest and audio checks
 
 
-def manifest_entries(source_dir: Path) -> Iterator[tuple[str, float] | BadRecord]:
+def corpus_manifest(source: PathLike) -> tuple[Path, Path]:
+    """(manifest file, the folder its relative paths start from) of a corpus folder (with
+    `manifest.jsonl`) or of a manifest file."""
+    src = Path(source)
+    if src.is_file():
+        return src, src.parent
+    return src / MANIFEST, src
+
+
+def manifest_entries(source: PathLike) -> Iterator[tuple[str, float] | BadRecord]:
     """Yield (path, duration) per non-blank manifest line, or BadRecord for a bad line."""
-    manifest = source_dir / "manifest.jsonl"
+    manifest, _ = corpus_manifest(source)
     if not manifest.is_file():
         raise CorpusError(f"{manifest}: no such manifest")
     with manifest.open(encoding="utf-8", errors="replace") as f:
@@ -242,16 +254,16 @@ def check_record(source_dir: Path, entry: tuple[str, float], channels: int) -> R
 
 def scan_corpus(source_dir: PathLike, channels: int) -> tuple[list[Record], BadRecords]:
     """Check every manifest line: good records in manifest order, plus the bad-record counts."""
-    src = Path(source_dir)
+    _, root = corpus_manifest(source_dir)
     good, bad, seen = [], BadRecords(), set()
-    for entry in manifest_entries(src):
+    for entry in manifest_entries(source_dir):
         try:
             if isinstance(entry, BadRecord):
                 raise entry
             if entry[0] in seen:
                 raise BadRecord("duplicate_path", entry[0])
             seen.add(entry[0])
-            good.append(check_record(src, entry, channels))
+            good.append(check_record(root, entry, channels))
         except BadRecord as b:
             bad.add(b)
     return good, bad
@@ -398,7 +410,7 @@ def prepare(
 def main(argv: Sequence[str] | None = None) -> int:
     """Prepare a corpus from the command line and print the bad-record summary."""
     ap = argparse.ArgumentParser(prog="python -m sfm.data.tfds_speech", description=__doc__)
-    ap.add_argument("source_dir", help="directory with manifest.jsonl, WAVs and alignments")
+    ap.add_argument("source_dir", help="directory with manifest.jsonl (or a manifest file)")
     ap.add_argument("data_dir", help="tfds data directory to write to")
     ap.add_argument("--stereo", action="store_true", help="stereo dialogues (default: mono)")
     ap.add_argument("--validation-fraction", type=float, default=0.05)

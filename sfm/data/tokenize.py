@@ -49,7 +49,7 @@ from sfm.codec.model import Mimi
 from sfm.data.audio import PathLike
 from sfm.data.config import DataConfig
 from sfm.data.text_stream import TimedWord, place_words
-from sfm.data.tfds_speech import BAD_RECORDS_FILE, BadRecords, prepare
+from sfm.data.tfds_speech import BAD_RECORDS_FILE, BadRecords, corpus_manifest, prepare
 from sfm.data.tokenizer import encode_word, load_tokenizer
 from sfm.errors import SfmError
 from sfm.io.codec import build_codec, load_run_config
@@ -128,9 +128,9 @@ def _has_data_source(x: object) -> bool:
     return hasattr(x, "as_data_source")
 
 
-def _corpus_is_stereo(source_dir: Path) -> bool:
-    """True when the corpus's first readable WAV has two channels."""
-    for wav in sorted(source_dir.rglob("*.wav")):
+def _corpus_is_stereo(root: Path) -> bool:
+    """True when the first readable WAV under the corpus's folder has two channels."""
+    for wav in sorted(root.rglob("*.wav")):
         try:
             return sf.info(str(wav)).channels == 2
         except RuntimeError:
@@ -139,17 +139,21 @@ def _corpus_is_stereo(source_dir: Path) -> bool:
 
 
 def resolve_builders(data: Any, out_dir: Path) -> list[Any]:
-    """Builders of a builder, a corpus dir (prepared into out_dir/tfds) or a prepared tfds dir."""
+    """Builders of a builder, a corpus (a folder with manifest.jsonl or a manifest file such as
+    moshi-finetune's train.jsonl; prepared into out_dir/tfds) or a prepared tfds dir."""
     if _has_data_source(data):
         return [data]
     path = Path(data)
-    if (path / "manifest.jsonl").is_file():
-        return [prepare(path, out_dir / "tfds", stereo=_corpus_is_stereo(path))[0]]
+    manifest, root = corpus_manifest(path)
+    if manifest.is_file():
+        return [prepare(path, out_dir / "tfds", stereo=_corpus_is_stereo(root))[0]]
     import tensorflow_datasets as tfds  # heavy: only when reading a prepared directory
 
     info_dirs = sorted({p.parent for p in path.rglob("dataset_info.json")})
     if not info_dirs:
-        raise TokenizeError(f"{path}: neither a corpus (manifest.jsonl) nor a prepared tfds dir")
+        raise TokenizeError(
+            f"{path}: neither a corpus (manifest.jsonl, a .jsonl manifest) nor a prepared tfds dir"
+        )
     return [tfds.builder_from_directory(str(d)) for d in info_dirs]
 
 

@@ -4,6 +4,9 @@ Formats, told apart from the safetensors header alone:
 - "sfm": written by `sfm.io.params.save_params` (the run's config in the metadata);
 - "kyutai-mimi": a Mimi codec in Kyutai's layout (e.g. the one released with Moshi);
 - "moshi-lm": a Moshi LM in Kyutai's layout (fused or per-step attention projections).
+
+A folder written by `sfm export` is accepted too: its manifest is verified, then the
+model's own weight file in it is loaded.
 """
 
 from __future__ import annotations
@@ -58,7 +61,14 @@ def _kind(model: nnx.Module) -> str:
 
 def load_weights(model: nnx.Module, path: PathLike) -> Format:
     """Load the checkpoint at `path` into `model` (a `Mimi` or an `LM` of a matching config),
-    whatever its format; returns the format found, which is also logged."""
+    whatever its format; returns the format found, which is also logged. `path` may be a
+    folder written by `sfm export` (checked against its manifest first)."""
+    if os.path.isdir(path):
+        from sfm.io.export import export_weights_file
+
+        if not isinstance(model, LM | Mimi):
+            raise CheckpointError(f"{os.fspath(path)}: an export holds no {_kind(model)}")
+        path = export_weights_file(path, "lm" if isinstance(model, LM) else "codec")
     fmt = checkpoint_format(path)
     wanted = {"kyutai-mimi": Mimi, "moshi-lm": LM}.get(fmt)
     if wanted is not None and not isinstance(model, wanted):

@@ -274,26 +274,50 @@ class Crops:
         return audio[start : start + self.samples, channel].astype(np.float32) / 32768.0
 
 
-def _wav_clips(manifest: Path) -> list[tuple]:
-    """The readable clips of a manifest (bad lines and unreadable audio are logged, skipped)."""
-    import json
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")  # what soundfile reads without extra codecs
 
+
+def _clips(paths: Any, where: Path, what: str) -> list[tuple]:
+    """("wav", path, frames, channels, rate) of each readable file `paths` yields; a path that
+    cannot be had (None: a bad manifest line) or read is counted and logged once for `where`."""
     import soundfile as sf
 
     clips, skipped = [], 0
-    for line in manifest.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
+    for path in paths:
         try:
-            path = manifest.parent / json.loads(line)["path"]  # an absolute path stays as is
+            if path is None:
+                raise ValueError("bad manifest line")
             info = sf.info(str(path))
-        except Exception:  # bad JSON, missing or unreadable audio alike
+        except Exception:  # bad line, missing, corrupt or not audio alike
             skipped += 1
             continue
         clips.append(("wav", str(path), info.frames, info.channels, info.samplerate))
     if skipped:
-        log.warning("%s: skipped %d bad or unreadable entries", manifest, skipped)
+        log.warning("%s: skipped %d %s", where, skipped, what)
     return clips
+
+
+def _manifest_paths(manifest: Path) -> Any:
+    """The audio path of each non-blank manifest line (relative to it), None for a bad line."""
+    import json
+
+    for line in manifest.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.strip():
+            try:
+                yield manifest.parent / json.loads(line)["path"]  # an absolute path stays
+            except (ValueError, KeyError, TypeError):
+                yield None
+
+
+def _wav_clips(manifest: Path) -> list[tuple]:
+    """The readable clips of a manifest (bad lines and unreadable audio are logged, skipped)."""
+    return _clips(_manifest_paths(manifest), manifest, "bad or unreadable entries")
+
+
+def _folder_clips(folder: Path) -> list[tuple]:
+    """The readable clips of every audio file under `folder` (unreadable ones logged, skipped)."""
+    files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in AUDIO_SUFFIXES)
+    return _clips(files, folder, "unreadable audio files")
 
 
 def corpus_clips(paths: tuple[str, ...], split: str) -> tuple[list[tuple], list[Any]]:
@@ -313,8 +337,11 @@ def corpus_clips(paths: tuple[str, ...], split: str) -> tuple[list[tuple], list[
         import tensorflow_datasets as tfds
 
         info_dirs = sorted({d.parent for d in p.rglob("dataset_info.json")})
+        if not info_dirs and p.is_dir():
+            clips += _folder_clips(p)
+            continue
         if not info_dirs:
-            raise DataError(f"codec_train.corpus: {entry} is neither a corpus nor a tfds dir")
+            raise DataError(f"codec_train.corpus: {entry}: no such corpus, folder or tfds dir")
         for d in info_dirs:
             source = tfds.builder_from_directory(str(d)).as_data_source(split)
             clips += [("tfds", len(sources), i) for i in range(len(source))]

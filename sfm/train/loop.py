@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 
 from sfm.config import Config, dump_yaml
@@ -69,6 +70,16 @@ class _SigtermFlag:
     def _handle(self, signum: int, frame: Any) -> None:
         log.warning("SIGTERM: finishing this step, saving a checkpoint, then exiting")
         self.set = True
+
+    def agreed(self) -> bool:
+        """Whether any process got SIGTERM. Every process gets the same answer at the same
+        step (an all-gather when there are several), so all save that step and stop; a pod's
+        hosts are signalled at slightly different times."""
+        if jax.process_count() == 1:
+            return self.set
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(self.set))))
 
     def restore(self) -> None:
         signal.signal(signal.SIGTERM, self._previous)
@@ -143,23 +154,42 @@ def train(cfg: Config) -> RunSummary:
                     hook(reporter.writer, step + 1, nnx.merge(parts.graphdef, *merged), batch)
                 if (step + 1) % cfg.train.log_every == 0:
                     log.info("step %d loss %.4f", step + 1, values["loss"])
-                if ckpt.save(mgr, step + 1, state, iterator, force=sigterm.set):
+                stop = sigterm.agreed()
+                if ckpt.save(mgr, step + 1, state, iterator, force=stop):
                     saved = step + 1
-                if sigterm.set:
+                if stop:
                     summary.stopped_by_signal = True
                     break
         if saved != summary.last_step:
             ckpt.save(mgr, summary.last_step, state, iterator, force=True)
         mgr.wait_until_finished()
         if summary.last_step == cfg.train.steps:
-            model = nnx.merge(parts.graphdef, state["params"], state["mutable"], state["frozen"])
-            summary.export = task.export(cfg, model, out)
+            merged = (state["params"], state["mutable"], state["frozen"])
+            summary.export = task.export(cfg, nnx.merge(parts.graphdef, *_on_host(merged)), out)
     finally:
         reporter.close()
         sigterm.restore()
         mgr.close()
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _on_host(tree: Any) -> Any:
+    """`tree` with every array whole on this process: a pod's arrays span hosts, and the
+    export reads them on one (an all-gather per array, in the same order on every process)."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    def gather(x: Any) -> Any:
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return x
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = multihost_utils.process_allgather(jax.random.key_data(x), tiled=True)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return multihost_utils.process_allgather(x, tiled=True)
+
+    return jax.tree.map(gather, tree)
 
 
 def _announce(cfg: Config, batch: dict[str, jax.Array]) -> int:
