@@ -41,3 +41,16 @@ def test_preset_fits_its_topology(preset: str, topology: str) -> None:
     report = aot.compile_for_topology(load_config(path), topology, label=preset)
     print(report.table())
     assert report.peak_bytes <= 0.9 * report.hbm_bytes  # 10% headroom at least
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs the tpu extra")
+@pytest.mark.slow
+def test_lora_preset_fits_one_80gb_gpu() -> None:
+    """Sized for one 80 GB GPU too: the step compiled for one device (a single v5p chip, as
+    AOT compilation targets TPU only) needs at most 90 % of 80 GB."""
+    path = resolve_preset("moshi_7b_duplex_lora", "train")
+    assert "--topology v5p:1x1x1 mesh=single" in path.read_text()
+    cfg = load_config(path, ["mesh=single"])
+    report = aot.compile_for_topology(cfg, "v5p:1x1x1", label="moshi_7b_duplex_lora, 1 device")
+    print(report.table())
+    assert report.peak_bytes <= 0.9 * 80e9
