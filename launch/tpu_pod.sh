@@ -7,9 +7,9 @@
 #
 # REPO (default: this repository's origin URL) is cloned on each worker if absent and checked
 # out at REF (default: this checkout's commit), SETUP runs there (default: launch/setup.sh with
-# the tpu extra; on an image that has the environment already, SETUP=true), then `sfm train`
-# runs with the given config and overrides. Checkpoints and shards must be on storage every
-# worker sees (GCS or a shared filesystem). After a preemption, run the same command again:
+# the tpu extra; where the clone already has its .venv, e.g. a prepared image, SETUP=true),
+# then `sfm train` runs with the given config and overrides. Checkpoints and shards must be on
+# storage every worker mounts (gcsfuse, Filestore). After a preemption, run the same command again:
 # every worker restores the newest complete checkpoint in train.out_dir and goes on.
 set -euo pipefail
 : "${TPU:?set TPU to the TPU VM name}" "${ZONE:?set ZONE}"

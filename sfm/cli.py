@@ -214,7 +214,7 @@ def _export(args: argparse.Namespace) -> None:
     """`sfm export SOURCE OUT --format F`: a run's weights as an sfm or moshi folder."""
     from sfm.io.export import export
 
-    *files, manifest = export(args.source, args.out, args.format, args.codec)
+    *files, manifest = export(args.source, args.out, args.format, args.codec, args.tokenizer)
     for path in files:
         print(f"{path.name}: {path.stat().st_size:,} bytes")
     print(f"manifest: {manifest}")
@@ -324,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--codec", default=None, help="codec to include: sfm codec weights or a Kyutai Mimi"
     )
+    exp.add_argument("--tokenizer", default=None, help="text tokenizer file to include")
     exp.set_defaults(run=_export)
     return parser
 

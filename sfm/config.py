@@ -25,7 +25,7 @@ from typing import Any, TypeVar, overload
 import yaml
 
 from sfm.codec.config import CodecConfig
-from sfm.data.config import DataConfig
+from sfm.data.config import SOURCES, DataConfig
 from sfm.errors import ConfigError
 from sfm.lm.config import LMConfig
 from sfm.parallel.config import MeshConfig
@@ -376,7 +376,27 @@ def load_config(
     defaults = _defaults(cls)
     for key, value in _parse_overrides(dotted).items():
         _apply_override(raw, key, value, defaults)
-    return from_dict(cls, raw)
+    cfg = from_dict(cls, raw)
+    if isinstance(cfg, Config):
+        check_local_paths(cfg)
+    return cfg
+
+
+def check_local_paths(cfg: Config) -> None:
+    """Refuse URLs (gs://, s3://) in the paths a run reads and writes: shards, corpora and run
+    folders are plain files, so a bucket is mounted on every host (gcsfuse, Filestore) and
+    given by its mounted path. (Stored configs are not checked: they only describe a model.)"""
+    paths = [(f"data.{s}_paths", p) for s in SOURCES for p in getattr(cfg.data, f"{s}_paths")]
+    paths += [("codec_train.corpus", p) for p in cfg.codec_train.corpus]
+    paths += [
+        (f"train.{n}", getattr(cfg.train, n)) for n in ("out_dir", "init_from", "init_text_from")
+    ]
+    for key, path in paths:
+        if path and "://" in path:
+            raise ConfigError(
+                f"{key}: {path} is a URL; mount the bucket on every host (e.g. gcsfuse) and "
+                "give the mounted path"
+            )
 
 
 # Sections an override may replace by a preset's: `lm=tiny`, `codec=mimi`, `mesh=fsdp8`.

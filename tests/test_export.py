@@ -210,6 +210,34 @@ def test_codec_export_to_moshi_reads_back(
     assert (both / "mimi.safetensors").read_bytes() == (out / "mimi.safetensors").read_bytes()
 
 
+def test_an_sfm_export_serves_as_a_codec_checkpoint(
+    codec: tuple[Mimi, Path], tmp_path: Path
+) -> None:
+    """`--checkpoint EXPORT` for the codec commands: the stored config and verified weights."""
+    from sfm.io.codec import build_codec, load_run_config
+
+    model, run = codec
+    out = tmp_path / "codec_export"
+    export(run, out, "sfm")
+    cfg = load_run_config(None, out, ())
+    assert cfg.codec == model.cfg
+    _assert_same(build_codec(cfg, out), model)
+    (out / "codec.safetensors").write_bytes(b"tampered")
+    with pytest.raises(CheckpointError, match="codec.safetensors"):
+        load_run_config(None, out, ())
+
+
+def test_a_tokenizer_travels_with_a_moshi_export(lm_run: Path, tmp_path: Path) -> None:
+    tokenizer = tmp_path / "tokenizer_spm_32k_3.model"
+    tokenizer.write_bytes(b"sentencepiece model bytes")
+    out = tmp_path / "with_tokenizer"
+    names = [p.name for p in export(lm_run, out, "moshi", tokenizer=tokenizer)]
+    assert "tokenizer_spm_32k_3.model" in names
+    config = json.loads((out / "config.json").read_text())
+    assert config["tokenizer_name"] == "tokenizer_spm_32k_3.model"
+    assert verify_export(out)["files"]["tokenizer_spm_32k_3.model"]["bytes"] == 25
+
+
 def test_cli_export(lm_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
     assert main(["export", str(lm_run), str(out), "--format", "sfm"]) == 0

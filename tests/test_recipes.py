@@ -116,6 +116,10 @@ def test_finetune_moshi_on_your_conversations(
     exported = Path("my_moshi")
     config = json.loads((exported / "config.json").read_text())
     assert config["moshi_name"] == "model.safetensors"
+    assert config["tokenizer_name"] == "tokenizer_spm_32k_3.model"
+    assert (exported / config["tokenizer_name"]).read_bytes() == Path(
+        "tokenizer_spm_32k_3.model"
+    ).read_bytes()
     assert (exported / config["mimi_name"]).is_file()
     from sfm.lm.model import LM
 
@@ -141,7 +145,8 @@ def test_finetune_moshi_on_your_conversations(
 FAKE_GCLOUD = """#!{python}
 # Stands in for `gcloud compute tpus tpu-vm ssh NAME --worker=all --command=SCRIPT`: runs
 # SCRIPT once per worker, each in its own home folder, as one jax.distributed process of a
-# pod on localhost; SIGTERM (a preemption) is passed on to every worker.
+# pod on localhost; SIGTERM (a preemption) is passed on to worker POD_SIGTERM_WORKER only,
+# so the others must learn of it from the training loop.
 import os, signal, subprocess, sys
 
 args = sys.argv[1:]
@@ -156,7 +161,8 @@ for i in range(workers):
     log = open(os.path.join(home, "log"), "a")
     procs.append(subprocess.Popen(["bash", "-c", script], cwd=home, env=env, stdout=log,
                                   stderr=subprocess.STDOUT, start_new_session=True))
-signal.signal(signal.SIGTERM, lambda *_: [os.killpg(p.pid, signal.SIGTERM) for p in procs])
+victim = procs[int(os.environ["POD_SIGTERM_WORKER"])]
+signal.signal(signal.SIGTERM, lambda *_: os.killpg(victim.pid, signal.SIGTERM))
 with open(os.path.join(root, "gcloud.pid"), "w") as f:
     f.write(str(os.getpid()))
 sys.exit(max(p.wait() for p in procs))
@@ -215,8 +221,9 @@ def test_pretrain_on_a_pod_and_resume_after_preemption(
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
         "POD_ROOT": str(tmp_path / "pod"),
         "POD_WORKERS": "2",
+        "POD_SIGTERM_WORKER": "1",
         "REPO": str(ROOT),
-        "SETUP": f"ln -sfn {ROOT / '.venv'} .venv",
+        "SETUP": f"ln -sfn {sys.prefix} .venv",  # this environment, not a new one
         "SFM_COORDINATOR": f"127.0.0.1:{_free_port()}",
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
@@ -241,6 +248,8 @@ def test_pretrain_on_a_pod_and_resume_after_preemption(
     assert proc.wait(timeout=300) == 0, _logs(tmp_path, proc)
     stopped = _metric_steps(run)
     assert 3 <= len(stopped) < steps and (run / "checkpoints" / str(stopped[-1])).is_dir()
+    # only worker 1 was signalled; worker 0 (which logs) stopped at the same step
+    assert "stopped by SIGTERM" in (tmp_path / "pod" / "worker-0" / "log").read_text()
 
     env["SFM_COORDINATOR"] = f"127.0.0.1:{_free_port()}"
     again = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True)

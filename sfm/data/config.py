@@ -8,16 +8,6 @@ from dataclasses import dataclass
 SOURCES = ("text", "speech", "interleaved", "duplex")
 
 
-def check_local_path(key: str, path: str | None) -> None:
-    """Refuse a URL (gs://, s3://): shards, corpora and run folders are read and written as
-    files, so a bucket is mounted on every host (gcsfuse, Filestore) and given by its path."""
-    if path and "://" in path:
-        raise ValueError(
-            f"{key}: {path} is a URL; mount the bucket on every host (e.g. gcsfuse) and give "
-            "the mounted path"
-        )
-
-
 @dataclass(frozen=True)
 class DataConfig:
     """Shard globs and weight per source, window, global batch, seed, host sharding.
@@ -47,9 +37,6 @@ class DataConfig:
             raise ValueError(f"data.weights: must be >= 0, got {list(self.weights)}")
         if not 0.0 <= self.p_text_span <= 1.0:
             raise ValueError(f"data.p_text_span: must lie in [0, 1], got {self.p_text_span}")
-        for source in SOURCES:
-            for path in getattr(self, f"{source}_paths"):
-                check_local_path(f"data.{source}_paths", path)
 
     def paths(self, source: str) -> tuple[str, ...]:
         """Shard files of one source, globs expanded, sorted."""

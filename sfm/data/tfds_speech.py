@@ -132,7 +132,7 @@ def corpus_manifest(source: PathLike) -> tuple[Path, Path]:
     """(manifest file, the folder its relative paths start from) of a corpus folder (with
     `manifest.jsonl`) or of a manifest file."""
     src = Path(source)
-    if src.is_file():
+    if src.is_file() and src.suffix == ".jsonl":
         return src, src.parent
     return src / MANIFEST, src
 

@@ -49,7 +49,13 @@ from sfm.codec.model import Mimi
 from sfm.data.audio import PathLike
 from sfm.data.config import DataConfig
 from sfm.data.text_stream import TimedWord, place_words
-from sfm.data.tfds_speech import BAD_RECORDS_FILE, BadRecords, corpus_manifest, prepare
+from sfm.data.tfds_speech import (
+    BAD_RECORDS_FILE,
+    BadRecords,
+    corpus_manifest,
+    manifest_entries,
+    prepare,
+)
 from sfm.data.tokenizer import encode_word, load_tokenizer
 from sfm.errors import SfmError
 from sfm.io.codec import build_codec, load_run_config
@@ -128,13 +134,15 @@ def _has_data_source(x: object) -> bool:
     return hasattr(x, "as_data_source")
 
 
-def _corpus_is_stereo(root: Path) -> bool:
-    """True when the first readable WAV under the corpus's folder has two channels."""
-    for wav in sorted(root.rglob("*.wav")):
-        try:
-            return sf.info(str(wav)).channels == 2
-        except RuntimeError:
-            continue
+def _corpus_is_stereo(corpus: Path) -> bool:
+    """True when the first readable audio file the corpus's manifest lists has two channels."""
+    _, root = corpus_manifest(corpus)
+    for entry in manifest_entries(corpus):
+        if isinstance(entry, tuple):
+            try:
+                return sf.info(str(root / entry[0])).channels == 2  # an absolute path stays
+            except RuntimeError:
+                continue
     return False
 
 
@@ -144,9 +152,9 @@ def resolve_builders(data: Any, out_dir: Path) -> list[Any]:
     if _has_data_source(data):
         return [data]
     path = Path(data)
-    manifest, root = corpus_manifest(path)
+    manifest, _ = corpus_manifest(path)
     if manifest.is_file():
-        return [prepare(path, out_dir / "tfds", stereo=_corpus_is_stereo(root))[0]]
+        return [prepare(path, out_dir / "tfds", stereo=_corpus_is_stereo(path))[0]]
     import tensorflow_datasets as tfds  # heavy: only when reading a prepared directory
 
     info_dirs = sorted({p.parent for p in path.rglob("dataset_info.json")})

@@ -23,6 +23,10 @@ def load_run_config(
     """The run's config: --config, else the checkpoint's stored config, else the Mimi preset.
     A checkpoint is checked to be readable either way."""
     if checkpoint is not None:
+        if os.path.isdir(checkpoint):  # an `sfm export` folder: its verified codec file
+            from sfm.io.export import export_weights_file
+
+            checkpoint = export_weights_file(checkpoint, "codec")
         stored = read_config_yaml(checkpoint)
         if stored is not None and config is None:
             return load_stored_config(stored, os.fspath(checkpoint), overrides)

@@ -294,13 +294,31 @@ _EXPORTERS: dict[str, Callable[[Mapping[Kind, Path], PathLike | None, Path], Non
 }
 
 
+def _add_tokenizer(folder: Path, tokenizer: Path) -> None:
+    """Copy the tokenizer into `folder` and name it in a moshi config.json if there is one."""
+    shutil.copyfile(tokenizer, folder / tokenizer.name)
+    config_path = folder / CONFIG_FILES["moshi"]
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        config["tokenizer_name"] = tokenizer.name
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def export(
-    source: PathLike, out: PathLike, fmt: ExportFormat, codec: PathLike | None = None
+    source: PathLike,
+    out: PathLike,
+    fmt: ExportFormat,
+    codec: PathLike | None = None,
+    tokenizer: PathLike | None = None,
 ) -> list[Path]:
     """Export the weights of `source` (a run directory or an sfm weights file), and those of
     `codec` (sfm codec weights or a Kyutai Mimi) when given, to the new folder `out` in
-    format `fmt`. Returns the files written, `manifest.json` last. The folder appears only
-    complete: it is written beside `out` and renamed."""
+    format `fmt`; `tokenizer` (the text tokenizer's file) is copied in too (and named in a
+    moshi config.json as `tokenizer_name`, where moshi's loader looks for it). Returns the
+    files written, `manifest.json` last. The folder appears only complete: it is written
+    beside `out` and renamed."""
+    if tokenizer is not None and not Path(tokenizer).is_file():
+        raise CheckpointError(f"{os.fspath(tokenizer)}: no such tokenizer file")
     if fmt not in _EXPORTERS:
         raise CheckpointError(f"{fmt}: no such export format (formats: {', '.join(FORMATS)})")
     found = find_weights(source)
@@ -314,6 +332,8 @@ def export(
     staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the export is not
     try:
         _EXPORTERS[fmt](found, codec, staging)
+        if tokenizer is not None:
+            _add_tokenizer(staging, Path(tokenizer))
         write_manifest(staging, fmt)
         os.replace(staging, target)
     except BaseException:

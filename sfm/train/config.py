@@ -6,7 +6,6 @@ import dataclasses
 from typing import Literal
 
 from sfm.codec.config import MEL_SCALES, DiscConfig
-from sfm.data.config import check_local_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +52,6 @@ class TrainConfig:
             raise ValueError("train.init_text_from: conflicts with train.init_from (set one)")
         if self.task == "codec" and (self.init_text_from or self.lora_rank):
             raise ValueError("train.init_text_from, train.lora_rank: LM settings, not the codec's")
-        for name in ("out_dir", "init_from", "init_text_from"):
-            check_local_path(f"train.{name}", getattr(self, name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +84,5 @@ class CodecTrainConfig:
     teacher_dim: int = 64
 
     def __post_init__(self) -> None:
-        for path in self.corpus:
-            check_local_path("codec_train.corpus", path)
         if self.segment_seconds <= 0:
             raise ValueError("codec_train.segment_seconds: must be > 0")

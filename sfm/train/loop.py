@@ -175,19 +175,25 @@ def train(cfg: Config) -> RunSummary:
 
 
 def _on_host(tree: Any) -> Any:
-    """`tree` with every array whole on this process: a pod's arrays span hosts, and the
-    export reads them on one (an all-gather per array, in the same order on every process)."""
+    """`tree` with every array whole in this process's memory: a pod's arrays span hosts, and
+    the export reads them on one. Arrays are all-gathered in the same order on every process,
+    a stacked array one layer at a time (a 7B MLP stack is ~18 GB, more than a chip holds)."""
     if jax.process_count() == 1:
         return tree
     from jax.experimental import multihost_utils
+
+    def whole(x: jax.Array) -> np.ndarray:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     def gather(x: Any) -> Any:
         if not isinstance(x, jax.Array) or x.is_fully_addressable:
             return x
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            data = multihost_utils.process_allgather(jax.random.key_data(x), tiled=True)
+            data = whole(jax.random.key_data(x))
             return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
-        return multihost_utils.process_allgather(x, tiled=True)
+        if x.ndim >= 3 and x.shape[0] > 1:  # [layers, ...]
+            return np.stack([whole(x[i]) for i in range(x.shape[0])])
+        return whole(x)
 
     return jax.tree.map(gather, tree)
 
