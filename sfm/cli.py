@@ -210,6 +210,33 @@ def _compile(args: argparse.Namespace) -> int:
     return aot.run(args.config, args.topology, args.overrides, prefix="sfm: error")
 
 
+def _infer(args: argparse.Namespace) -> None:
+    """`sfm infer`: a recorded user turn through the engine -> stereo WAV + text JSON."""
+    from sfm.data.audio import load_audio
+    from sfm.infer.converse import converse, load_models
+    from sfm.infer.engine import Engine
+    from sfm.lm.generate import SamplingConfig
+    from sfm.lm.layout import TEXT_EPAD, TEXT_PAD
+
+    codec, lm, cfg = load_models(args.checkpoint, args.config, args.codec, args.overrides)
+    user_t = load_audio(args.wav, cfg.codec.sample_rate, args.channel)
+    pieces = None
+    if args.tokenizer:
+        from sfm.data.tokenizer import load_tokenizer
+
+        sp = load_tokenizer(args.tokenizer)
+        pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    engine = Engine(codec, lm, 1, SamplingConfig(greedy=args.greedy), seed=args.seed)
+    talk = converse(engine, user_t, pieces, (TEXT_PAD, TEXT_EPAD))
+    text = talk.write(args.out)
+    lat = engine.latency_ms()
+    print(
+        f"{args.out}: {talk.frames} frames, {len(talk.text)} text tokens ({text}); real-time "
+        f"factor {talk.real_time_factor:.3f}; ms per frame p50 {lat['p50']:.1f}, "
+        f"p95 {lat['p95']:.1f}, p99 {lat['p99']:.1f}"
+    )
+
+
 def _export(args: argparse.Namespace) -> None:
     """`sfm export SOURCE OUT --format F`: a run's weights as an sfm or moshi folder."""
     from sfm.io.export import export
@@ -315,6 +342,20 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--topology", required=True, help="v5p-128, v5e-16, v6e-64, v4-32, ...")
     comp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     comp.set_defaults(run=_compile)
+    inf = commands.add_parser(
+        "infer", help="a recorded user turn through the engine: stereo WAV + the model's text"
+    )
+    inf.add_argument("--checkpoint", help="LM weights: sfm file, run or export folder, Moshi")
+    inf.add_argument("--config", help="lm preset or YAML (alone: random weights)")
+    inf.add_argument("--codec", help="codec weights: sfm or Kyutai Mimi (default: random)")
+    inf.add_argument("--wav", required=True, help="the user's audio")
+    inf.add_argument("--channel", type=int, default=None, help="channel of a multi-channel file")
+    inf.add_argument("--out", required=True, help="stereo WAV to write (model left, user right)")
+    inf.add_argument("--tokenizer", help="SentencePiece model: text pieces in the JSON")
+    inf.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    inf.add_argument("--seed", type=int, default=0, help="sampling seed")
+    inf.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    inf.set_defaults(run=_infer, jit=True)
     exp = commands.add_parser(
         "export", help="a run's weights as a checked folder: sfm's format or Kyutai's (moshi)"
     )

@@ -1,0 +1,1 @@
+"""Inference: the batched streaming engine (`sfm.infer.engine`)."""

@@ -1,0 +1,190 @@
+"""The batched engine: a slot equals the streaming codec and the Generator run by hand, slots
+do not hear each other, a rejoined slot is a fresh session, long sessions stay bounded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sfm.codec.model import Mimi
+from sfm.codec.streaming import StreamingCodec
+from sfm.config import load_config, resolve_preset
+from sfm.infer.engine import Engine
+from sfm.lm.generate import Generator, SamplingConfig
+from sfm.lm.model import LM
+
+SLOTS = 3
+FRAMES = 12
+SAMPLED = SamplingConfig(temp=1.0, top_k=0, temp_text=1.0, top_k_text=0)
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[Mimi, LM]:
+    """The tiny codec and LM; the codec's codebooks start from speech latents (one training
+    pass), so that different audio gets different codes (random codebooks give one code)."""
+    cfg = load_config(resolve_preset("tiny", "lm"))
+    codec = Mimi(cfg.codec, rngs=nnx.Rngs(0))
+    wav = np.concatenate([_speech(40, cfg.codec.frame_size, s).reshape(1, -1) for s in range(4)])
+    codec(jnp.asarray(wav), jax.random.key(0))
+    return codec, LM(cfg.lm, rngs=nnx.Rngs(1))
+
+
+def _speech(frames: int, frame_size: int, seed: int) -> np.ndarray:
+    """[frames, frame_size] of a gliding tone with noise: audio that moves the codes."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(frames * frame_size) / 24000
+    f0 = rng.uniform(100, 300) * (1 + 0.2 * np.sin(2 * np.pi * rng.uniform(0.5, 2) * t))
+    wav = 0.3 * np.sin(2 * np.pi * np.cumsum(f0) / 24000) + 0.02 * rng.standard_normal(t.size)
+    return wav.astype(np.float32).reshape(frames, frame_size)
+
+
+def _run(engine: Engine, inputs: dict[int, np.ndarray], frames: int) -> list:
+    return [engine.step({s: x[t] for s, x in inputs.items()}) for t in range(frames)]
+
+
+def test_one_slot_equals_codec_and_generator_by_hand(models: tuple[Mimi, LM]) -> None:
+    codec, lm = models
+    greedy = SamplingConfig(greedy=True)
+    engine = Engine(codec, lm, SLOTS, greedy)
+    key = jax.random.key(7)
+    others = [engine.join(jax.random.key(i)) for i in range(2)]
+    slot = engine.join(key)
+    user = _speech(FRAMES, engine.frame_size, 0)
+    noise = {s: _speech(FRAMES, engine.frame_size, 10 + s) for s in others}
+    frames = _run(engine, {slot: user, **noise}, FRAMES)
+
+    encoder, decoder = StreamingCodec(codec, 1, lm.cfg.n_q), StreamingCodec(codec, 1)
+    gen = Generator(lm, greedy)
+    state = gen.init(1, key[None])
+    for t in range(FRAMES):
+        codes = encoder.encode_chunk(user[t][None])
+        state, tokens, valid = gen.step(state, codes[:, :, 0])
+        out = frames[t]
+        assert bool(valid[0]) == bool(out.valid[slot])
+        assert int(tokens[0, 0]) == int(out.text[slot])
+        np.testing.assert_array_equal(np.asarray(tokens[0, 1:]), out.codes[slot])
+        if bool(valid[0]):
+            audio = np.asarray(decoder.decode_chunk(tokens[:, 1:, None]))[0]
+            np.testing.assert_allclose(out.audio[slot], audio, rtol=0, atol=1e-5)
+        else:
+            assert not out.audio[slot].any()
+    assert sum(f.valid[slot] for f in frames) == FRAMES - lm.cfg.max_delay
+    assert np.abs(np.stack([f.audio[slot] for f in frames])).max() > 0
+
+
+def test_a_session_does_not_hear_its_neighbours(models: tuple[Mimi, LM]) -> None:
+    codec, lm = models
+    outputs = []
+    for neighbours_seed in (1, 2):
+        engine = Engine(codec, lm, SLOTS, SAMPLED)
+        slot = engine.join(jax.random.key(3))
+        others = [engine.join() for _ in range(SLOTS - 1)]
+        user = _speech(FRAMES, engine.frame_size, 0)
+        noise = {s: _speech(FRAMES, engine.frame_size, 100 * neighbours_seed + s) for s in others}
+        frames = _run(engine, {slot: user, **noise}, FRAMES)
+        outputs.append(frames)
+    a, b = outputs
+    for fa, fb in zip(a, b, strict=True):
+        assert int(fa.text[0]) == int(fb.text[0])
+        np.testing.assert_array_equal(fa.codes[0], fb.codes[0])
+        np.testing.assert_allclose(fa.audio[0], fb.audio[0], rtol=0, atol=1e-6)
+    for slot in range(1, SLOTS):  # the neighbours did hear (and say) different things
+        assert not np.array_equal(*(np.stack([f.codes[slot] for f in x]) for x in (a, b)))
+
+
+def test_leave_and_join_is_a_fresh_session(models: tuple[Mimi, LM]) -> None:
+    codec, lm = models
+    used = Engine(codec, lm, SLOTS, SAMPLED)
+    first = used.join(jax.random.key(1))
+    _run(used, {first: _speech(5, used.frame_size, 4)}, 5)
+    used.leave(first)
+    assert used.join(jax.random.key(2)) == first
+    new = Engine(codec, lm, SLOTS, SAMPLED)
+    assert new.join(jax.random.key(2)) == first
+    user = _speech(FRAMES, used.frame_size, 5)
+    for fa, fb in zip(
+        _run(used, {first: user}, FRAMES), _run(new, {first: user}, FRAMES), strict=True
+    ):
+        assert int(fa.text[first]) == int(fb.text[first])
+        np.testing.assert_array_equal(fa.codes[first], fb.codes[first])
+        np.testing.assert_allclose(fa.audio[first], fb.audio[first], rtol=0, atol=1e-6)
+
+
+def test_session_ten_times_the_context_stays_finite_and_bounded(models: tuple[Mimi, LM]) -> None:
+    codec, lm = models
+    engine = Engine(codec, lm, 2, SAMPLED)
+    slot = engine.join()
+    shapes = jax.tree.map(lambda x: (x.shape, x.dtype), engine._state)
+    frames = 10 * max(lm.cfg.temporal.context, codec.cfg.transformer.context)
+    user = _speech(frames, engine.frame_size, 6)
+    peak = 0.0
+    for t in range(frames):
+        out = engine.step({slot: user[t]})
+        assert np.isfinite(out.audio).all()
+        peak = max(peak, float(np.abs(out.audio[slot]).max()))
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), engine._state) == shapes
+    assert int(engine._state.gen.offset[slot]) == frames
+    assert peak > 0
+    lat = engine.latency_ms()
+    assert lat["frames"] == frames and 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
+
+
+def test_slot_errors(models: tuple[Mimi, LM]) -> None:
+    codec, lm = models
+    engine = Engine(codec, lm, 1, SAMPLED)
+    slot = engine.join()
+    with pytest.raises(RuntimeError, match="all 1 slots are busy"):
+        engine.join()
+    with pytest.raises(ValueError, match="slot 3 out of range"):
+        engine.leave(3)
+    with pytest.raises(ValueError, match=r"user audio \(1, 7\)"):
+        engine.step(jnp.zeros((1, 7)))
+    engine.leave(slot)
+    with pytest.raises(ValueError, match="slot 0 holds no session"):
+        engine.step({0: np.zeros(engine.frame_size)})
+
+
+def test_cli_infer_writes_the_conversation_and_the_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`sfm infer --config tiny`: random tiny weights; the user is the right channel, the left
+    is what the engine says (checked against a second engine run by hand), the text has
+    times."""
+    import json
+
+    import soundfile as sf
+
+    from sfm.cli import main
+    from sfm.infer.converse import load_models
+    from sfm.lm.layout import TEXT_EPAD, TEXT_PAD
+
+    cfg = load_config(resolve_preset("tiny", "lm"))
+    user = _speech(30, cfg.codec.frame_size, 8).reshape(-1)[:-100]  # not whole frames
+    sf.write(tmp_path / "user.wav", user, cfg.codec.sample_rate, subtype="FLOAT")
+    out = tmp_path / "talk.wav"
+    argv = ["infer", "--config", "tiny", "--wav", str(tmp_path / "user.wav"), "--out", str(out)]
+    assert main([*argv, "--greedy"]) == 0
+    assert "real-time factor" in capsys.readouterr().out
+    stereo, rate = sf.read(out, dtype="float32")
+    assert rate == cfg.codec.sample_rate and stereo.shape == (30 * cfg.codec.frame_size, 2)
+    np.testing.assert_array_equal(stereo[: len(user), 1], user)
+
+    codec, lm, _ = load_models(config="tiny")
+    engine = Engine(codec, lm, 1, SamplingConfig(greedy=True))
+    slot = engine.join()
+    frames = _run(engine, {slot: stereo[:, 1].reshape(30, -1)}, 30)
+    np.testing.assert_allclose(
+        stereo[:, 0], np.concatenate([f.audio[slot] for f in frames]), atol=1e-5
+    )
+    text = json.loads(out.with_suffix(".json").read_text())["text"]
+    want = [
+        (t * cfg.codec.frame_size / rate, int(f.text[slot]))
+        for t, f in enumerate(frames)
+        if f.valid[slot] and int(f.text[slot]) not in (TEXT_PAD, TEXT_EPAD)
+    ]
+    assert [(w["time_s"], w["token"]) for w in text] == [(round(t, 3), i) for t, i in want]
