@@ -226,7 +226,8 @@ def _infer(args: argparse.Namespace) -> None:
 
         sp = load_tokenizer(args.tokenizer)
         pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
-    engine = Engine(codec, lm, 1, SamplingConfig(greedy=args.greedy), seed=args.seed)
+    sampling = SamplingConfig(greedy=args.greedy)
+    engine = Engine(codec, lm, 1, sampling, seed=args.seed, weights=args.weights)
     talk = converse(engine, user_t, pieces, (TEXT_PAD, TEXT_EPAD))
     text = talk.write(args.out)
     lat = engine.latency_ms()
@@ -238,10 +239,22 @@ def _infer(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    """`sfm export SOURCE OUT --format F`: a run's weights as an sfm or moshi folder."""
-    from sfm.io.export import export
+    """`sfm export SOURCE OUT --format F`: a run's weights as an sfm or moshi folder, or the
+    engine over them as StableHLO."""
+    if args.format == "stablehlo":
+        from sfm.infer.stablehlo import export_stablehlo
+        from sfm.lm.generate import SamplingConfig
 
-    *files, manifest = export(args.source, args.out, args.format, args.codec, args.tokenizer)
+        sampling = SamplingConfig(greedy=args.greedy)
+        *files, manifest = export_stablehlo(
+            args.source, args.out, args.codec, args.weights, sampling, args.tokenizer
+        )
+    else:
+        from sfm.io.export import export
+
+        if args.weights != "float32" or args.greedy:
+            raise SfmError("--weights and --greedy apply to --format stablehlo only")
+        *files, manifest = export(args.source, args.out, args.format, args.codec, args.tokenizer)
     for path in files:
         print(f"{path.name}: {path.stat().st_size:,} bytes")
     print(f"manifest: {manifest}")
@@ -354,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--tokenizer", help="SentencePiece model: text pieces in the JSON")
     inf.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
     inf.add_argument("--seed", type=int, default=0, help="sampling seed")
+    inf.add_argument(
+        "--weights",
+        default="float32",
+        choices=("float32", "bfloat16", "int8"),
+        help="how the LM's weights are served (int8: weight-only, per channel)",
+    )
     inf.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     inf.set_defaults(run=_infer, jit=True)
     exp = commands.add_parser(
@@ -361,7 +380,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("source", metavar="SOURCE", help="run directory or sfm weights file")
     exp.add_argument("out", metavar="OUT", help="folder to create (must not exist or be empty)")
-    exp.add_argument("--format", required=True, choices=("sfm", "moshi"), help="layout of OUT")
+    exp.add_argument(
+        "--format",
+        required=True,
+        choices=("sfm", "moshi", "stablehlo"),
+        help="sfm or Kyutai's (moshi) weights layout, or the engine's functions (stablehlo)",
+    )
+    exp.add_argument(
+        "--weights",
+        default="float32",
+        choices=("float32", "bfloat16", "int8"),
+        help="stablehlo: how the LM's weights are stored (int8: weight-only, per channel)",
+    )
+    exp.add_argument("--greedy", action="store_true", help="stablehlo: argmax, no sampling")
     exp.add_argument(
         "--codec", default=None, help="codec to include: sfm codec weights or a Kyutai Mimi"
     )

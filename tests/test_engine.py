@@ -3,6 +3,10 @@ do not hear each other, a rejoined slot is a fresh session, long sessions stay b
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -11,10 +15,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sfm.cli import main
 from sfm.codec.model import Mimi
 from sfm.codec.streaming import StreamingCodec
-from sfm.config import load_config, resolve_preset
+from sfm.config import dump_yaml, load_config, resolve_preset
 from sfm.infer.engine import Engine
+from sfm.infer.quantize import dequantize, quantize_int8, serving_leaves, weight_bytes
+from sfm.io.export import verify_export
+from sfm.io.params import save_params
+from sfm.io.tensors import CheckpointError
 from sfm.lm.generate import Generator, SamplingConfig
 from sfm.lm.model import LM
 
@@ -47,10 +56,19 @@ def _run(engine: Engine, inputs: dict[int, np.ndarray], frames: int) -> list:
     return [engine.step({s: x[t] for s, x in inputs.items()}) for t in range(frames)]
 
 
-def test_one_slot_equals_codec_and_generator_by_hand(models: tuple[Mimi, LM]) -> None:
+def _served(lm: LM, weights: str) -> LM:
+    """The LM with the weights the engine serves, dequantized to float32."""
+    graphdef, params = nnx.split(lm)
+    leaves = dequantize(serving_leaves(lm, weights), jnp.float32)  # type: ignore[arg-type]
+    return nnx.merge(graphdef, jax.tree.unflatten(jax.tree.structure(params), leaves))
+
+
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+def test_one_slot_equals_codec_and_generator_by_hand(models: tuple[Mimi, LM], weights: str) -> None:
     codec, lm = models
     greedy = SamplingConfig(greedy=True)
-    engine = Engine(codec, lm, SLOTS, greedy)
+    engine = Engine(codec, lm, SLOTS, greedy, weights=weights)  # type: ignore[arg-type]
+    lm = _served(lm, weights)
     key = jax.random.key(7)
     others = [engine.join(jax.random.key(i)) for i in range(2)]
     slot = engine.join(key)
@@ -188,3 +206,108 @@ def test_cli_infer_writes_the_conversation_and_the_text(
         if f.valid[slot] and int(f.text[slot]) not in (TEXT_PAD, TEXT_EPAD)
     ]
     assert [(w["time_s"], w["token"]) for w in text] == [(round(t, 3), i) for t, i in want]
+
+
+def test_int8_is_symmetric_per_output_channel_on_a_hand_built_kernel() -> None:
+    w = jnp.asarray([[1.0, -0.5, 0.25], [0.0, 0.0, 0.0], [-0.254, 0.127, 0.0]])
+    q = quantize_int8(w)
+    np.testing.assert_allclose(np.asarray(q.scale)[:, 0], [1 / 127, 1.0, 0.002], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(q.q), [[127, -64, 32], [0, 0, 0], [-127, 64, 0]])
+    err = np.abs(np.asarray(q.dequantize(jnp.float32)) - np.asarray(w))
+    assert (err <= np.asarray(q.scale) / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize(("weights", "bound"), [("bfloat16", 1e-2), ("int8", 2e-2)])
+def test_served_weights_error_against_float32(
+    models: tuple[Mimi, LM], weights: str, bound: float
+) -> None:
+    """Relative RMS error of the logits of the LM as served against float32 (teacher-forced,
+    random tokens): the half-step rounding of bf16 (2^-9) and per-channel int8 (1/254 of a
+    channel's largest weight) keeps it well under a percent or two."""
+    _, lm = models
+    served = _served(lm, weights)
+    tokens = jax.random.randint(jax.random.key(3), (2, lm.cfg.n_streams, 24), 0, lm.cfg.card)
+    ref, out = lm(tokens), served(tokens)
+    for a, b in ((ref.text_logits, out.text_logits), (ref.audio_logits, out.audio_logits)):
+        rel = float(jnp.sqrt(jnp.mean((a - b) ** 2) / jnp.mean(a**2)))
+        print(f"{weights}: relative RMS logit error {rel:.2e}")
+        assert 0 < rel < bound
+    f32, kept = (weight_bytes(serving_leaves(lm, w)) for w in ("float32", weights))  # type: ignore[arg-type]
+    print(f"{weights}: {kept} bytes of weights, {kept / f32:.2f} of float32")
+    assert kept <= f32 // 2
+
+
+# Runs an export with JAX and safetensors only: init 2 slots, FRAMES frames, then reset slot
+# 0 (same key) and run it again; fails if anything of sfm was imported.
+_EXPORT_READER = """
+import json, sys
+import jax, numpy as np
+from safetensors.flax import load_file
+folder, inputs, result = sys.argv[1:]
+serving = json.load(open(f"{folder}/serving.json"))
+tensors = load_file(f"{folder}/weights.safetensors")
+weights = [tensors[name] for name in serving["weights"]]
+fn = {k: jax.export.deserialize(open(f"{folder}/{v}", "rb").read())
+      for k, v in serving["functions"].items()}
+x = np.load(inputs)
+state = fn["init"].call(weights, x["key_data"])
+out = {k: [] for k in ("tokens", "audio", "valid")}
+for wav in x["wav_tbf"]:
+    state, *frame = fn["step"].call(weights, state, wav)
+    for k, v in zip(out, frame):
+        out[k].append(np.asarray(v))
+state = fn["reset"].call(weights, state, np.array([True, False]), x["key_data"])
+again = []
+for wav in x["wav_tbf"]:
+    state, tokens, *_ = fn["step"].call(weights, state, wav)
+    again.append(np.asarray(tokens))
+assert not [m for m in sys.modules if m == "sfm" or m.startswith("sfm.")]
+np.savez(result, again=np.stack(again), **{k: np.stack(v) for k, v in out.items()})
+"""
+
+
+def test_stablehlo_export_runs_without_sfm_and_equals_the_engine(
+    models: tuple[Mimi, LM], tmp_path: Path
+) -> None:
+    codec, lm = models
+    cfg = load_config(resolve_preset("tiny", "lm"))
+    run = tmp_path / "run"
+    save_params(lm, run / "lm.safetensors", dump_yaml(cfg))
+    save_params(codec, run / "codec.safetensors", dump_yaml(cfg))
+    out = tmp_path / "export"
+    assert main(["export", str(run), str(out), "--format", "stablehlo", "--greedy"]) == 0
+    assert verify_export(out)["format"] == "stablehlo"
+    serving = json.loads((out / "serving.json").read_text())
+    assert serving["platforms"] == ["cpu", "cuda", "tpu"]
+
+    keys = [jax.random.key(5), jax.random.key(6)]
+    wav_tbf = np.stack([_speech(FRAMES, cfg.codec.frame_size, s) for s in (0, 1)], axis=1)
+    np.savez(tmp_path / "in.npz", wav_tbf=wav_tbf, key_data=jax.random.key_data(jnp.stack(keys)))
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _EXPORT_READER,
+            str(out),
+            str(tmp_path / "in.npz"),
+            str(tmp_path / "res.npz"),
+        ],
+        check=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    got = np.load(tmp_path / "res.npz")
+
+    engine = Engine(codec, lm, 2, SamplingConfig(greedy=True))
+    slots = [engine.join(k) for k in keys]
+    frames = [engine.step(wav_tbf[t]) for t in range(FRAMES)]
+    assert slots == [0, 1]
+    tokens = np.stack([np.concatenate([f.text[:, None], f.codes], axis=1) for f in frames])
+    np.testing.assert_array_equal(got["tokens"], tokens)
+    np.testing.assert_array_equal(got["valid"], np.stack([f.valid for f in frames]))
+    np.testing.assert_allclose(got["audio"], np.stack([f.audio for f in frames]), atol=1e-5)
+    np.testing.assert_array_equal(got["again"][:, 0], tokens[:, 0])  # reset: a fresh session
+    assert np.abs(got["audio"]).max() > 0
+    with (out / "step.jaxexport").open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(CheckpointError, match="step.jaxexport: changed since export"):
+        verify_export(out)

@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from sfm.codec.model import Mimi
+from sfm.infer.quantize import WeightFormat, dequantize, serving_leaves, weight_bytes
 from sfm.lm.generate import GenState, SamplingConfig, frame_step, init_state, reset_state
 from sfm.lm.model import LM
 from sfm.nn.streaming import StaticModel, reset_where
@@ -60,16 +61,32 @@ class Frame(NamedTuple):
 
 
 class Models(NamedTuple):
-    """The codec and the LM, rebuilt inside a trace from their flat parameter leaves."""
+    """The codec and the LM, rebuilt inside a trace from their flat parameter leaves (the
+    LM's possibly int8: dequantized to its compute dtype on the way)."""
 
     codec: StaticModel
     lm: StaticModel
+    lm_dtype: str
+
+    def build(self, leaves: tuple) -> tuple[Mimi, LM]:
+        return self.codec.model(leaves[0]), self.lm.model(dequantize(leaves[1], self.lm_dtype))
 
 
 def _split(model: nnx.Module) -> tuple[StaticModel, list]:
     graphdef, params = nnx.split(model)
     leaves, treedef = jax.tree.flatten(params)
     return StaticModel(graphdef, treedef), leaves
+
+
+def serving_models(codec: Mimi, lm: LM, weights: WeightFormat) -> tuple[Models, tuple]:
+    """The static halves of the models and their leaves as served: (codec leaves with frozen
+    codebooks, LM leaves stored as `weights`)."""
+    serving = nnx.merge(*nnx.split(codec))  # same arrays, new module: frozen codebooks
+    serving.freeze_codebooks()
+    codec_static, codec_leaves = _split(serving)
+    lm_static, _ = _split(lm)
+    models = Models(codec_static, lm_static, lm.cfg.dtype)
+    return models, (codec_leaves, serving_leaves(lm, weights))
 
 
 def engine_step(
@@ -106,25 +123,27 @@ def reset_slots(
 
 @partial(jax.jit, static_argnums=(0, 3), donate_argnums=(2,))
 def _step(models: Models, leaves: tuple, state: EngineState, s: SamplingConfig, wav: Any) -> Any:
-    return engine_step(models.codec.model(leaves[0]), models.lm.model(leaves[1]), s, state, wav)
+    return engine_step(*models.build(leaves), s, state, wav)
 
 
 @partial(jax.jit, static_argnums=(0, 3))
 def _init(models: Models, leaves: tuple, keys_b: jax.Array, capacity: int | None) -> EngineState:
-    return fresh_state(models.codec.model(leaves[0]), models.lm.model(leaves[1]), keys_b, capacity)
+    return fresh_state(*models.build(leaves), keys_b, capacity)
 
 
 @partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def _reset(models: Models, leaves: tuple, state: EngineState, mask: Any, keys: Any) -> Any:
-    codec, lm = models.codec.model(leaves[0]), models.lm.model(leaves[1])
-    return reset_slots(codec, lm, state, mask, keys)
+    return reset_slots(*models.build(leaves), state, mask, keys)
 
 
 class Engine:
     """`slots` concurrent full-duplex sessions of `lm` speaking through `codec`.
 
     The codec serves with frozen codebooks; the LM's text and audio streams must match the
-    codec (lm.n_q codebooks encoded per user frame, lm.dep_q decoded per model frame)."""
+    codec (lm.n_q codebooks encoded per user frame, lm.dep_q decoded per model frame).
+    `weights` stores the LM's parameters as float32, bfloat16, or int8 (linear kernels,
+    per-channel scales; the rest bfloat16): see `sfm.infer.quantize`. The codec stays as
+    given."""
 
     def __init__(
         self,
@@ -135,18 +154,15 @@ class Engine:
         *,
         seed: int = 0,
         capacity: int | None = None,
+        weights: WeightFormat = "float32",
     ) -> None:
         if lm.cfg.n_q > codec.cfg.n_q or lm.cfg.dep_q > codec.cfg.n_q:
             raise ValueError(
                 f"the LM reads {lm.cfg.n_q} and writes {lm.cfg.dep_q} codebooks; the codec "
                 f"has {codec.cfg.n_q}"
             )
-        serving = nnx.merge(*nnx.split(codec))  # same arrays, new module: frozen codebooks
-        serving.freeze_codebooks()
-        codec_static, codec_leaves = _split(serving)
-        lm_static, lm_leaves = _split(lm)
-        self._models = Models(codec_static, lm_static)
-        self._leaves = (codec_leaves, lm_leaves)
+        self._models, self._leaves = serving_models(codec, lm, weights)
+        self.weights = weights
         self.slots, self.sampling = slots, sampling
         self.frame_size, self.sample_rate = codec.cfg.frame_size, codec.cfg.sample_rate
         self._base_key = jax.random.key(seed)
@@ -186,6 +202,11 @@ class Engine:
         if key is not None:
             keys = keys.at[slot].set(key)
         self._state = _reset(self._models, self._leaves, self._state, jnp.asarray(mask), keys)
+
+    @property
+    def lm_weight_bytes(self) -> int:
+        """Bytes of the LM's weights as served: what every frame step reads from memory."""
+        return weight_bytes(self._leaves[1])
 
     @property
     def busy(self) -> np.ndarray:

@@ -45,7 +45,7 @@ from sfm.lm.model import LM
 
 Kind = Literal["lm", "codec"]
 ExportFormat = Literal["sfm", "moshi"]
-FORMATS: tuple[str, ...] = ("sfm", "moshi")
+FORMATS: tuple[str, ...] = ("sfm", "moshi", "stablehlo")  # stablehlo: see sfm.infer.stablehlo
 MANIFEST = "manifest.json"
 # The weight file of each model in each format, and each format's config file.
 WEIGHT_FILES: dict[str, dict[Kind, str]] = {
@@ -53,6 +53,14 @@ WEIGHT_FILES: dict[str, dict[Kind, str]] = {
     "moshi": {"lm": "model.safetensors", "codec": "mimi.safetensors"},
 }
 CONFIG_FILES: dict[str, str] = {"sfm": "config.yaml", "moshi": "config.json"}
+# The files a stablehlo export (the engine's functions and their weights) must hold.
+STABLEHLO_FILES: tuple[str, ...] = (
+    "serving.json",
+    "weights.safetensors",
+    "init.jaxexport",
+    "reset.jaxexport",
+    "step.jaxexport",
+)
 _KIND_NAMES: dict[Kind, str] = {"lm": "an LM", "codec": "a Mimi codec"}
 _CHUNK = 1 << 20
 
@@ -84,8 +92,8 @@ def find_weights(source: PathLike) -> dict[Kind, Path]:
         return {sfm_kind(src): src}
     if not src.is_dir():
         raise CheckpointError(f"{src}: no such run directory or sfm weights file")
-    if (src / MANIFEST).exists() and verify_export(src)["format"] != "sfm":
-        raise CheckpointError(f"{src}: a moshi export, not a run directory or an sfm export")
+    if (src / MANIFEST).exists() and (fmt := verify_export(src)["format"]) != "sfm":
+        raise CheckpointError(f"{src}: a {fmt} export, not a run directory or an sfm export")
     found: dict[Kind, Path] = {}
     for kind, name in WEIGHT_FILES["sfm"].items():
         if (src / name).is_file():
@@ -204,13 +212,17 @@ def verify_export(folder: PathLike) -> dict[str, Any]:
     folder = Path(folder)
     manifest = _read_manifest(folder)
     fmt, files = manifest["format"], manifest["files"]
-    weights = WEIGHT_FILES[fmt]
-    for name in (*weights.values(), CONFIG_FILES[fmt]):
+    if fmt == "stablehlo":
+        known, required = list(STABLEHLO_FILES), list(STABLEHLO_FILES)
+    else:
+        weights = WEIGHT_FILES[fmt]
+        known = [*weights.values(), CONFIG_FILES[fmt]]
+        required = [CONFIG_FILES[fmt]] if fmt == "sfm" or weights["lm"] in files else []
+        if not any(name in files for name in weights.values()):
+            required.append(weights["lm"])
+    for name in known:
         if name not in files and (folder / name).exists():
             raise CheckpointError(f"{folder / name}: not listed in {MANIFEST}")
-    required = [CONFIG_FILES[fmt]] if fmt == "sfm" or weights["lm"] in files else []
-    if not any(name in files for name in weights.values()):
-        required.append(weights["lm"])
     for name in required:
         if name not in files:
             raise CheckpointError(f"{folder / name}: missing from the export (not in {MANIFEST})")
@@ -226,7 +238,10 @@ def verify_export(folder: PathLike) -> dict[str, Any]:
 def export_weights_file(folder: PathLike, kind: Kind) -> Path:
     """The verified weight file of the model `kind` in an export folder."""
     folder = Path(folder)
-    name = WEIGHT_FILES[verify_export(folder)["format"]][kind]
+    fmt = verify_export(folder)["format"]
+    if fmt not in WEIGHT_FILES:
+        raise CheckpointError(f"{folder}: a {fmt} export holds no model weights to load")
+    name = WEIGHT_FILES[fmt][kind]
     path = folder / name
     if not path.is_file():
         raise CheckpointError(f"{folder}: an export with no {name} ({_KIND_NAMES[kind]}'s weights)")
@@ -317,11 +332,20 @@ def export(
     moshi config.json as `tokenizer_name`, where moshi's loader looks for it). Returns the
     files written, `manifest.json` last. The folder appears only complete: it is written
     beside `out` and renamed."""
-    if tokenizer is not None and not Path(tokenizer).is_file():
-        raise CheckpointError(f"{os.fspath(tokenizer)}: no such tokenizer file")
     if fmt not in _EXPORTERS:
         raise CheckpointError(f"{fmt}: no such export format (formats: {', '.join(FORMATS)})")
     found = find_weights(source)
+    return write_export(out, fmt, lambda folder: _EXPORTERS[fmt](found, codec, folder), tokenizer)
+
+
+def write_export(
+    out: PathLike, fmt: str, write: Callable[[Path], None], tokenizer: PathLike | None = None
+) -> list[Path]:
+    """Create the export folder `out` of format `fmt`: `write(folder)` fills it, `tokenizer`
+    is copied in, the manifest is written last and the folder renamed into place (it appears
+    only complete). Returns the files, `manifest.json` last."""
+    if tokenizer is not None and not Path(tokenizer).is_file():
+        raise CheckpointError(f"{os.fspath(tokenizer)}: no such tokenizer file")
     target = Path(out)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise FileExistsError(errno.EEXIST, "exists and is not an empty directory", str(target))
@@ -331,7 +355,7 @@ def export(
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the export is not
     try:
-        _EXPORTERS[fmt](found, codec, staging)
+        write(staging)
         if tokenizer is not None:
             _add_tokenizer(staging, Path(tokenizer))
         write_manifest(staging, fmt)
