@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from sfm.data.config import DataConfig
 from sfm.errors import SfmError
+from sfm.infer.config import WEIGHT_FORMATS
 
 if TYPE_CHECKING:
     from sfm.codec.streaming import StreamingCodec
@@ -370,13 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument(
         "--weights",
         default="float32",
-        choices=("float32", "bfloat16", "int8"),
+        choices=WEIGHT_FORMATS,
         help="how the LM's weights are served (int8: weight-only, per channel)",
     )
     inf.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     inf.set_defaults(run=_infer, jit=True)
     exp = commands.add_parser(
-        "export", help="a run's weights as a checked folder: sfm's format or Kyutai's (moshi)"
+        "export",
+        help="a checked folder: sfm's or Kyutai's (moshi) weights, or the engine (stablehlo)",
     )
     exp.add_argument("source", metavar="SOURCE", help="run directory or sfm weights file")
     exp.add_argument("out", metavar="OUT", help="folder to create (must not exist or be empty)")
@@ -389,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--weights",
         default="float32",
-        choices=("float32", "bfloat16", "int8"),
+        choices=WEIGHT_FORMATS,
         help="stablehlo: how the LM's weights are stored (int8: weight-only, per channel)",
     )
     exp.add_argument("--greedy", action="store_true", help="stablehlo: argmax, no sampling")

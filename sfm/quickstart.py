@@ -7,7 +7,7 @@
     tokens/      SentencePiece model; ArrayRecord shards of codes + text streams, text-only
     pretrain/    interleaved speech-text pretraining of the tiny LM (pretrain.yaml)
     duplex/      duplex fine-tuning from the pretraining export (duplex.yaml)
-    reply.wav    the streaming generator's answer to a held-out dialogue's user channel
+    reply.wav    the engine's live answer to a held-out dialogue's user channel (+ reply.json)
     report.md    loss curves (PNG) and metrics: codec mel distance / SI-SDR against the
                  untrained codec, held-out LM text and semantic-codebook cross-entropy
                  against the unigram entropy of the same targets
@@ -23,7 +23,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,37 +254,36 @@ def evaluate_lm(cfg: Config, weights: Path, source: str, shard: Path) -> dict[st
 def generate_reply(
     cfg: Config, weights: Path, codec_ckpt: Path, spm: Path, corpus: Path, shard: Path, out: Path
 ) -> dict[str, str]:
-    """Answer the first held-out dialogue's user channel with the streaming generator; write
-    reply.wav (left: generated assistant, right: the user) and return both texts."""
+    """Answer the first held-out dialogue's user channel live, 80 ms at a time, through the
+    engine (streaming encode, LM frame step, streaming decode); write reply.wav (left: the
+    model, right: the user) and reply.json (its text with times) and return both texts."""
+    from sfm.data.audio import load_audio
     from sfm.data.tokenizer import load_tokenizer
+    from sfm.infer.converse import converse
+    from sfm.infer.engine import Engine
     from sfm.io.codec import build_codec, load_run_config
-    from sfm.lm.generate import SamplingConfig, generate
+    from sfm.lm.generate import SamplingConfig
     from sfm.lm.layout import TEXT_EPAD, TEXT_PAD
 
     record = next(_records(shard))
-    user_kt = np.asarray(record["codes"][1], np.int32)
-    model = _load_lm(cfg, weights)
+    codec = build_codec(load_run_config(None, codec_ckpt, ()), codec_ckpt)
+    user_t = load_audio(corpus / "dialogues" / record["path"], codec.cfg.sample_rate, channel=1)
     sampling = SamplingConfig(temp=0.8, top_k=cfg.lm.card // 2, temp_text=0.7, top_k_text=25)
-    frames = np.asarray(generate(model, user_kt[None], sampling, jax.random.key(cfg.seed)))[0]
-    text_t, codes_kt = frames[0], frames[1:]
-    codec_cfg = load_run_config(None, codec_ckpt, ())
-    codec = build_codec(codec_cfg, codec_ckpt)
-    assistant = np.asarray(codec.decode(jnp.asarray(np.clip(codes_kt, 0, None))[None]))[0]
-    user, sr = sf.read(corpus / "dialogues" / record["path"], dtype="float32", always_2d=True)
-    n = min(user.shape[0], assistant.shape[0])
-    stereo = np.stack([assistant[:n], user[:n, 1]], axis=1)
-    sf.write(out / "reply.wav", np.clip(stereo, -1, 1), sr)
+    engine = Engine(codec, _load_lm(cfg, weights), 1, sampling, seed=cfg.seed)
+    talk = converse(engine, user_t, pad_ids=(TEXT_PAD, TEXT_EPAD))
+    talk.write(out / "reply.wav")
     sp = load_tokenizer(spm)
 
-    def words(tokens: np.ndarray) -> str:
+    def words(tokens: Sequence[int]) -> str:
         return sp.decode([int(t) for t in tokens if t not in (TEXT_PAD, TEXT_EPAD) and t >= 0])
 
     return {
         "dialogue": str(record["path"]),
-        "seconds": f"{n / sr:.1f}",
-        "generated assistant text": words(text_t),
-        "reference assistant text": words(np.asarray(record["text"][0])),
-        "user text": words(np.asarray(record["text"][1])),
+        "seconds": f"{talk.stereo_tc.shape[0] / talk.sample_rate:.1f}",
+        "real-time factor": f"{talk.real_time_factor:.2f}",
+        "generated assistant text": words([token for _, token, _ in talk.text]),
+        "reference assistant text": words(np.asarray(record["text"][0]).tolist()),
+        "user text": words(np.asarray(record["text"][1]).tolist()),
     }
 
 

@@ -19,9 +19,17 @@ from sfm.cli import main
 from sfm.codec.model import Mimi
 from sfm.codec.streaming import StreamingCodec
 from sfm.config import dump_yaml, load_config, resolve_preset
+from sfm.infer.converse import load_models
 from sfm.infer.engine import Engine
-from sfm.infer.quantize import dequantize, quantize_int8, serving_leaves, weight_bytes
-from sfm.io.export import verify_export
+from sfm.infer.quantize import (
+    Int8Weight,
+    dequantize,
+    quantize_int8,
+    serving_leaves,
+    weight_bytes,
+)
+from sfm.infer.stablehlo import export_stablehlo
+from sfm.io.export import export, verify_export
 from sfm.io.params import save_params
 from sfm.io.tensors import CheckpointError
 from sfm.lm.generate import Generator, SamplingConfig
@@ -107,10 +115,11 @@ def test_a_session_does_not_hear_its_neighbours(models: tuple[Mimi, LM]) -> None
         frames = _run(engine, {slot: user, **noise}, FRAMES)
         outputs.append(frames)
     a, b = outputs
+    assert slot == 0
     for fa, fb in zip(a, b, strict=True):
-        assert int(fa.text[0]) == int(fb.text[0])
-        np.testing.assert_array_equal(fa.codes[0], fb.codes[0])
-        np.testing.assert_allclose(fa.audio[0], fb.audio[0], rtol=0, atol=1e-6)
+        assert int(fa.text[slot]) == int(fb.text[slot])
+        np.testing.assert_array_equal(fa.codes[slot], fb.codes[slot])
+        np.testing.assert_allclose(fa.audio[slot], fb.audio[slot], rtol=0, atol=1e-6)
     for slot in range(1, SLOTS):  # the neighbours did hear (and say) different things
         assert not np.array_equal(*(np.stack([f.codes[slot] for f in x]) for x in (a, b)))
 
@@ -173,12 +182,8 @@ def test_cli_infer_writes_the_conversation_and_the_text(
     """`sfm infer --config tiny`: random tiny weights; the user is the right channel, the left
     is what the engine says (checked against a second engine run by hand), the text has
     times."""
-    import json
-
     import soundfile as sf
 
-    from sfm.cli import main
-    from sfm.infer.converse import load_models
     from sfm.lm.layout import TEXT_EPAD, TEXT_PAD
 
     cfg = load_config(resolve_preset("tiny", "lm"))
@@ -232,13 +237,20 @@ def test_served_weights_error_against_float32(
         rel = float(jnp.sqrt(jnp.mean((a - b) ** 2) / jnp.mean(a**2)))
         print(f"{weights}: relative RMS logit error {rel:.2e}")
         assert 0 < rel < bound
-    f32, kept = (weight_bytes(serving_leaves(lm, w)) for w in ("float32", weights))  # type: ignore[arg-type]
-    print(f"{weights}: {kept} bytes of weights, {kept / f32:.2f} of float32")
-    assert kept <= f32 // 2
+    leaves = serving_leaves(lm, weights)  # type: ignore[arg-type]
+    f32, bf16 = (weight_bytes(serving_leaves(lm, w)) for w in ("float32", "bfloat16"))
+    print(f"{weights}: {weight_bytes(leaves)} bytes of weights, {weight_bytes(leaves) / f32:.2f}")
+    assert bf16 == f32 // 2
+    if weights == "int8":
+        assert weight_bytes(leaves) < 0.7 * bf16
+        paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(nnx.split(lm)[1])[0]]
+        kernels = [x for p, x in zip(paths, leaves, strict=True) if "kernel" in str(p)]
+        assert len(kernels) == 11 and all(isinstance(x, Int8Weight) for x in kernels)
+        assert all(x.scale.shape == (*x.shape[:-1], 1) for x in kernels)
 
 
 # Runs an export with JAX and safetensors only: init 2 slots, FRAMES frames, then reset slot
-# 0 (same key) and run it again; fails if anything of sfm was imported.
+# 0 (same key) and FRAMES more; fails if anything of sfm was imported.
 _EXPORT_READER = """
 import json, sys
 import jax, numpy as np
@@ -249,65 +261,108 @@ tensors = load_file(f"{folder}/weights.safetensors")
 weights = [tensors[name] for name in serving["weights"]]
 fn = {k: jax.export.deserialize(open(f"{folder}/{v}", "rb").read())
       for k, v in serving["functions"].items()}
+step = jax.jit(fn["step"].call, donate_argnums=1)
 x = np.load(inputs)
 state = fn["init"].call(weights, x["key_data"])
-out = {k: [] for k in ("tokens", "audio", "valid")}
+out = {k: [] for k in ("tokens", "audio", "valid", "again")}
 for wav in x["wav_tbf"]:
-    state, *frame = fn["step"].call(weights, state, wav)
+    state, *frame = step(weights, state, wav)
     for k, v in zip(out, frame):
         out[k].append(np.asarray(v))
 state = fn["reset"].call(weights, state, np.array([True, False]), x["key_data"])
-again = []
 for wav in x["wav_tbf"]:
-    state, tokens, *_ = fn["step"].call(weights, state, wav)
-    again.append(np.asarray(tokens))
+    state, tokens, *_ = step(weights, state, wav)
+    out["again"].append(np.asarray(tokens))
 assert not [m for m in sys.modules if m == "sfm" or m.startswith("sfm.")]
-np.savez(result, again=np.stack(again), **{k: np.stack(v) for k, v in out.items()})
+np.savez(result, **{k: np.stack(v) for k, v in out.items()})
 """
+
+
+def _tokens(frames: list) -> np.ndarray:
+    """[T, slots, 1 + dep_q]: text and audio tokens of every frame."""
+    return np.stack([np.concatenate([f.text[:, None], f.codes], axis=1) for f in frames])
 
 
 def test_stablehlo_export_runs_without_sfm_and_equals_the_engine(
     models: tuple[Mimi, LM], tmp_path: Path
 ) -> None:
+    """int8 weights, sampled tokens (per-slot keys): the export run by JAX alone equals the
+    engine frame for frame, before and after slot 0 is reset (slot 1 carries on)."""
     codec, lm = models
     cfg = load_config(resolve_preset("tiny", "lm"))
     run = tmp_path / "run"
     save_params(lm, run / "lm.safetensors", dump_yaml(cfg))
     save_params(codec, run / "codec.safetensors", dump_yaml(cfg))
     out = tmp_path / "export"
-    assert main(["export", str(run), str(out), "--format", "stablehlo", "--greedy"]) == 0
+    assert main(["export", str(run), str(out), "--format", "stablehlo", "--weights", "int8"]) == 0
     assert verify_export(out)["format"] == "stablehlo"
     serving = json.loads((out / "serving.json").read_text())
-    assert serving["platforms"] == ["cpu", "cuda", "tpu"]
+    assert serving["platforms"] == ["cpu", "cuda", "tpu"] and serving["weight_format"] == "int8"
 
     keys = [jax.random.key(5), jax.random.key(6)]
     wav_tbf = np.stack([_speech(FRAMES, cfg.codec.frame_size, s) for s in (0, 1)], axis=1)
     np.savez(tmp_path / "in.npz", wav_tbf=wav_tbf, key_data=jax.random.key_data(jnp.stack(keys)))
-    subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _EXPORT_READER,
-            str(out),
-            str(tmp_path / "in.npz"),
-            str(tmp_path / "res.npz"),
-        ],
-        check=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
+    reader = [sys.executable, "-c", _EXPORT_READER, str(out), str(tmp_path / "in.npz")]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    subprocess.run([*reader, str(tmp_path / "res.npz")], check=True, env=env)
     got = np.load(tmp_path / "res.npz")
 
-    engine = Engine(codec, lm, 2, SamplingConfig(greedy=True))
-    slots = [engine.join(k) for k in keys]
+    engine = Engine(codec, lm, 2, SamplingConfig(), weights="int8")
+    assert [engine.join(k) for k in keys] == [0, 1]
     frames = [engine.step(wav_tbf[t]) for t in range(FRAMES)]
-    assert slots == [0, 1]
-    tokens = np.stack([np.concatenate([f.text[:, None], f.codes], axis=1) for f in frames])
-    np.testing.assert_array_equal(got["tokens"], tokens)
+    engine.reset(0, keys[0])
+    again = [engine.step(wav_tbf[t]) for t in range(FRAMES)]
+    np.testing.assert_array_equal(got["tokens"], _tokens(frames))
     np.testing.assert_array_equal(got["valid"], np.stack([f.valid for f in frames]))
     np.testing.assert_allclose(got["audio"], np.stack([f.audio for f in frames]), atol=1e-5)
-    np.testing.assert_array_equal(got["again"][:, 0], tokens[:, 0])  # reset: a fresh session
+    np.testing.assert_array_equal(got["again"], _tokens(again))
+    np.testing.assert_array_equal(got["again"][:, 0], got["tokens"][:, 0])  # a fresh session
+    assert not np.array_equal(got["again"][:, 1], got["tokens"][:, 1])  # slot 1 went on
     assert np.abs(got["audio"]).max() > 0
+
     with (out / "step.jaxexport").open("ab") as f:
         f.write(b"\0")
     with pytest.raises(CheckpointError, match="step.jaxexport: changed since export"):
         verify_export(out)
+    lm_only = tmp_path / "lm_only"
+    save_params(lm, lm_only / "lm.safetensors", dump_yaml(cfg))
+    with pytest.raises(CheckpointError, match="no codec weights .*: give --codec"):
+        export_stablehlo(lm_only, tmp_path / "never")
+
+
+def test_engine_from_kyutai_files_and_an_sfm_export_equals_the_run(
+    models: tuple[Mimi, LM], tmp_path: Path
+) -> None:
+    """One run served three ways: from its own weights, from its moshi export (Kyutai's
+    model.safetensors + mimi.safetensors, as Kyutai's releases) and from its sfm export; the
+    same user audio gives the same tokens and audio (greedy)."""
+    codec, _ = models
+    cfg = load_config(resolve_preset("tiny", "lm"), ["lm.depth.dim_feedforward=96"])
+    lm = LM(cfg.lm, rngs=nnx.Rngs(2))  # a depformer width moshi has
+    run = tmp_path / "run"
+    save_params(lm, run / "lm.safetensors", dump_yaml(cfg))
+    save_params(codec, run / "codec.safetensors", dump_yaml(cfg))
+    (tmp_path / "lm.yaml").write_text(dump_yaml(cfg))
+    export(run, tmp_path / "moshi", "moshi")
+    export(run, tmp_path / "sfm", "sfm")
+    sources = {
+        "run": load_models(run, codec_checkpoint=run / "codec.safetensors"),
+        "kyutai": load_models(
+            tmp_path / "moshi" / "model.safetensors",
+            config=str(tmp_path / "lm.yaml"),
+            codec_checkpoint=tmp_path / "moshi" / "mimi.safetensors",
+        ),
+        "sfm export": load_models(tmp_path / "sfm", codec_checkpoint=tmp_path / "sfm"),
+    }
+    user = _speech(FRAMES, cfg.codec.frame_size, 3)
+    outputs = {}
+    for name, (c, m, _) in sources.items():
+        engine = Engine(c, m, 1, SamplingConfig(greedy=True))
+        outputs[name] = _run(engine, {engine.join(jax.random.key(0)): user}, FRAMES)
+    ref = outputs.pop("run")
+    assert sum(f.valid[0] for f in ref) == FRAMES - cfg.lm.max_delay
+    for name, frames in outputs.items():
+        for got, want in zip(frames, ref, strict=True):
+            np.testing.assert_array_equal(got.codes, want.codes, err_msg=name)
+            np.testing.assert_array_equal(got.text, want.text, err_msg=name)
+            np.testing.assert_allclose(got.audio, want.audio, atol=1e-5, err_msg=name)

@@ -23,6 +23,7 @@ from flax import nnx
 from sfm.codec.model import Mimi
 from sfm.config import Config, load_config, load_stored_config, resolve_preset
 from sfm.infer.engine import Engine
+from sfm.io.export import MANIFEST
 from sfm.io.params import read_config_yaml
 from sfm.io.tensors import CheckpointError, PathLike
 from sfm.io.weights import load_weights
@@ -86,7 +87,7 @@ def load_models(
     codec, lm = Mimi(cfg.codec, rngs=nnx.Rngs(seed)), LM(cfg.lm, rngs=nnx.Rngs(seed + 1))
     if checkpoint is not None:
         path = Path(checkpoint)
-        is_run = path.is_dir() and (path / "lm.safetensors").is_file()
+        is_run = path.is_dir() and not (path / MANIFEST).exists()  # an export is verified
         load_weights(lm, path / "lm.safetensors" if is_run else path)
     if codec_checkpoint is not None:
         load_weights(codec, codec_checkpoint)

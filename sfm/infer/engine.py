@@ -35,7 +35,8 @@ import numpy as np
 from flax import nnx
 
 from sfm.codec.model import Mimi
-from sfm.infer.quantize import WeightFormat, dequantize, serving_leaves, weight_bytes
+from sfm.infer.config import WeightFormat
+from sfm.infer.quantize import dequantize, serving_leaves, weight_bytes
 from sfm.lm.generate import GenState, SamplingConfig, frame_step, init_state, reset_state
 from sfm.lm.model import LM
 from sfm.nn.streaming import StaticModel, reset_where
@@ -122,8 +123,10 @@ def reset_slots(
 
 
 @partial(jax.jit, static_argnums=(0, 3), donate_argnums=(2,))
-def _step(models: Models, leaves: tuple, state: EngineState, s: SamplingConfig, wav: Any) -> Any:
-    return engine_step(*models.build(leaves), s, state, wav)
+def _step(
+    models: Models, leaves: tuple, state: EngineState, s: SamplingConfig, wav_bf: jax.Array
+) -> tuple[EngineState, jax.Array, jax.Array, jax.Array]:
+    return engine_step(*models.build(leaves), s, state, wav_bf)
 
 
 @partial(jax.jit, static_argnums=(0, 3))
@@ -132,8 +135,10 @@ def _init(models: Models, leaves: tuple, keys_b: jax.Array, capacity: int | None
 
 
 @partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _reset(models: Models, leaves: tuple, state: EngineState, mask: Any, keys: Any) -> Any:
-    return reset_slots(*models.build(leaves), state, mask, keys)
+def _reset(
+    models: Models, leaves: tuple, state: EngineState, mask_b: jax.Array, keys_b: jax.Array
+) -> EngineState:
+    return reset_slots(*models.build(leaves), state, mask_b, keys_b)
 
 
 class Engine:
@@ -181,6 +186,8 @@ class Engine:
         if free.size == 0:
             raise RuntimeError(f"all {self.slots} slots are busy")
         slot = int(free[0])
+        if key is not None and not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+            raise ValueError("join: key must be a typed PRNG key (jax.random.key(seed))")
         if key is None:
             key = jax.random.fold_in(self._base_key, self.slots + self._sessions)
         self._sessions += 1
@@ -207,6 +214,11 @@ class Engine:
     def lm_weight_bytes(self) -> int:
         """Bytes of the LM's weights as served: what every frame step reads from memory."""
         return weight_bytes(self._leaves[1])
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of every slot's streaming state (KV rings first): read by every frame step."""
+        return sum(int(x.nbytes) for x in jax.tree.leaves(self._state))
 
     @property
     def busy(self) -> np.ndarray:
@@ -238,6 +250,10 @@ class Engine:
             wav = np.zeros((self.slots, self.frame_size), np.float32)
             for slot, frame in user.items():
                 self._check(slot)
+                if np.shape(frame) != (self.frame_size,):
+                    raise ValueError(
+                        f"slot {slot}: user audio {np.shape(frame)}, expected ({self.frame_size},)"
+                    )
                 wav[slot] = frame
         else:
             wav = np.asarray(user, np.float32)
@@ -266,5 +282,5 @@ class Engine:
         if not self._latencies:
             return {}
         ms = np.asarray(self._latencies)
-        p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+        p50, p95, p99 = (float(x) for x in np.percentile(ms, [50, 95, 99]))
         return {"p50": p50, "p95": p95, "p99": p99, "mean": float(ms.mean()), "frames": ms.size}

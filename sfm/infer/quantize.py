@@ -4,9 +4,10 @@
 ([..., out, in], stacked layers and per-codebook weights included) stored as int8 with one
 float32 scale per output channel (symmetric, scale = max |w| over `in` / 127) and every other
 floating leaf in bfloat16. Inside the jitted step `dequantize` turns them back into arrays of
-the LM's compute dtype, so the model code never sees the difference and XLA can fuse the
-conversion into the matmul that reads the weight (its bytes are what a memory-bound frame
-step pays for)::
+the LM's compute dtype, so the model code never sees the difference. Memory holds a quarter
+of the float32 bytes; the time a memory-bound frame step saves depends on XLA fusing the
+conversion into the matmul that reads the weight, which `bench/engine.py --sweep` measures
+against bfloat16 on an accelerator::
 
     leaves = serving_leaves(lm, "int8")                     # int8 kernels in HBM
     model = static.model(dequantize(leaves, jnp.bfloat16))  # inside jit
@@ -17,14 +18,14 @@ Embeddings and norms are not quantized (they are a table lookup and a vector per
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-WeightFormat = Literal["float32", "bfloat16", "int8"]
-WEIGHT_FORMATS: tuple[str, ...] = ("float32", "bfloat16", "int8")
+from sfm.infer.config import WEIGHT_FORMATS, WeightFormat
+
 _INT8_MAX = 127.0
 
 

@@ -24,16 +24,19 @@ tokens and audio are those of `Engine.step` (-2 and silence until `valid`). A re
     weights = [tensors[name] for name in serving["weights"]]
     init, step = (jax.export.deserialize(open(f"OUT/{f}.jaxexport", "rb").read())
                   for f in ("init", "step"))
+    step = jax.jit(step.call, donate_argnums=1)  # the state is updated in place
     state = init.call(weights, np.stack([jax.random.PRNGKey(0)] * 4))
-    state, tokens, audio, valid = step.call(weights, state, np.zeros((4, 1920), np.float32))
+    state, tokens, audio, valid = step(weights, state, np.zeros((4, 1920), np.float32))
 
-Sampling settings are fixed at export (`serving.json` records them).
+Sampling settings are fixed at export (`serving.json` records them). `manifest.json` holds
+the SHA-256 of every file (`sfm.io.export.verify_export` checks them).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sfm.infer.config import WeightFormat
 from sfm.infer.converse import load_models
 from sfm.infer.engine import (
     EngineState,
@@ -51,13 +55,12 @@ from sfm.infer.engine import (
     reset_slots,
     serving_models,
 )
-from sfm.infer.quantize import WeightFormat
-from sfm.io.export import find_weights, write_export
-from sfm.io.tensors import PathLike, write_tensors
+from sfm.io.export import STABLEHLO_FILES, find_weights, write_export
+from sfm.io.tensors import CheckpointError, PathLike, write_tensors
 from sfm.lm.generate import SamplingConfig
 
 PLATFORMS: tuple[str, ...] = ("cpu", "cuda", "tpu")
-SERVING, WEIGHTS = "serving.json", "weights.safetensors"
+SERVING, WEIGHTS, *_FUNCTIONS = STABLEHLO_FILES  # serving.json, weights.safetensors, *.jaxexport
 
 
 class _Wire:
@@ -85,14 +88,14 @@ class _Wire:
         keys = jax.random.wrap_key_data(key_data)
         return self._out(fresh_state(*self.models.build(self._leaves(weights)), keys, None))
 
-    def reset(self, weights: list, state: list, mask: jax.Array, key_data: jax.Array) -> list:
+    def reset(self, weights: list, state: list, mask_b: jax.Array, key_data: jax.Array) -> list:
         codec, lm = self.models.build(self._leaves(weights))
         keys = jax.random.wrap_key_data(key_data)
-        return self._out(reset_slots(codec, lm, self._in(state), mask, keys))
+        return self._out(reset_slots(codec, lm, self._in(state), mask_b, keys))
 
-    def step(self, weights: list, state: list, wav: jax.Array) -> tuple:
+    def step(self, weights: list, state: list, wav_bf: jax.Array) -> tuple:
         codec, lm = self.models.build(self._leaves(weights))
-        new, tokens, audio, valid = engine_step(codec, lm, self.sampling, self._in(state), wav)
+        new, tokens, audio, valid = engine_step(codec, lm, self.sampling, self._in(state), wav_bf)
         return self._out(new), tokens, audio, valid
 
 
@@ -137,8 +140,14 @@ def export_stablehlo(
     """Export the engine over the run (or sfm weights) at `source`, with the codec of the run
     or `codec` (sfm or Kyutai Mimi), to the new folder `out`; returns the files written."""
     found = find_weights(source)
+    if "lm" not in found:
+        raise CheckpointError(f"{os.fspath(source)}: no LM weights (lm.safetensors) to serve")
     codec = codec if codec is not None else found.get("codec")
-    mimi, lm, cfg = load_models(found.get("lm"), codec_checkpoint=codec)
+    if codec is None:
+        raise CheckpointError(
+            f"{os.fspath(source)}: no codec weights (codec.safetensors): give --codec"
+        )
+    mimi, lm, cfg = load_models(found["lm"], codec_checkpoint=codec)
     models, leaves = serving_models(mimi, lm, weights)
     artifacts, flat = export_engine(models, leaves, sampling, cfg.codec.frame_size, platforms)
     names = [f"w{i:05d}" for i in range(len(flat))]

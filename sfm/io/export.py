@@ -3,15 +3,17 @@ layout of Kyutai's Hugging Face repos (which moshi's loaders read).
 
 The source is a run directory (its `lm.safetensors` and/or `codec.safetensors`) or one sfm
 weights file. Every export holds a `manifest.json`, written last:
-`{"format": "sfm" | "moshi", "files": {name: {"sha256": ..., "bytes": ...}}}`, listing
-every other file; `verify_export` re-hashes them. Reading an export never runs code: JSON,
-YAML (safe) and safetensors only.
+`{"format": "sfm" | "moshi" | "stablehlo", "files": {name: {"sha256": ..., "bytes": ...}}}`,
+listing every other file; `verify_export` re-hashes them. Reading an export never runs
+Python code from it: JSON, YAML (safe), safetensors, and (stablehlo) serialized StableHLO.
 
 - "sfm": the weight files copied as they are, and the weights' stored config as
   `config.yaml`; `sfm.io.weights.load_weights(model, folder)` loads the file of its model.
 - "moshi": the LM as `model.safetensors` (Kyutai's layout, fused attention projections),
   the codec as `mimi.safetensors`, and `config.json` holding moshi's `lm_kwargs` with the
   file names, as in Kyutai's repos.
+- "stablehlo": the engine's functions and their weights (`sfm.infer.stablehlo` writes it
+  with `write_export`; `verify_export` checks it like the others).
 """
 
 from __future__ import annotations
@@ -333,7 +335,10 @@ def export(
     files written, `manifest.json` last. The folder appears only complete: it is written
     beside `out` and renamed."""
     if fmt not in _EXPORTERS:
-        raise CheckpointError(f"{fmt}: no such export format (formats: {', '.join(FORMATS)})")
+        raise CheckpointError(
+            f"{fmt}: not a weights format (sfm, moshi; a stablehlo export is written by "
+            "sfm.infer.stablehlo.export_stablehlo)"
+        )
     found = find_weights(source)
     return write_export(out, fmt, lambda folder: _EXPORTERS[fmt](found, codec, folder), tokenizer)
 
