@@ -199,7 +199,8 @@ def test_codec_export_to_moshi_reads_back(
 ) -> None:
     model, run = codec
     out = tmp_path / "mimi"
-    assert [p.name for p in export(run, out, "moshi")] == ["mimi.safetensors", MANIFEST]
+    names = [p.name for p in export(run, out, "moshi")]
+    assert names == ["mimi.safetensors", "mimi_config.json", MANIFEST]
     fresh = Mimi(model.cfg, rngs=nnx.Rngs(7))
     assert load_weights(fresh, out / "mimi.safetensors") == "kyutai-mimi"
     _assert_same(fresh, model)
@@ -208,6 +209,35 @@ def test_codec_export_to_moshi_reads_back(
     export(lm_run, both, "moshi", codec=out / "mimi.safetensors")
     assert json.loads((both / "config.json").read_text())["mimi_name"] == "mimi.safetensors"
     assert (both / "mimi.safetensors").read_bytes() == (out / "mimi.safetensors").read_bytes()
+
+
+def test_moshi_loads_an_exported_tiny_codec_by_its_config(
+    codec: tuple[Mimi, Path], lm_run: Path, tmp_path: Path
+) -> None:
+    """An LM + non-standard codec export: moshi's CheckpointInfo, given the folder's files,
+    builds the codec from mimi_config.json and decodes like sfm."""
+    from moshi.models.loaders import CheckpointInfo
+
+    model, run = codec
+    out = tmp_path / "both"
+    export(lm_run, out, "moshi", codec=run / "codec.safetensors")
+    config = json.loads((out / "config.json").read_text())
+    assert config["mimi_config_name"] == "mimi_config.json"
+    info = CheckpointInfo.from_hf_repo(
+        "local",
+        moshi_weights=out / "model.safetensors",
+        mimi_weights=out / "mimi.safetensors",
+        tokenizer=out / "absent.model",
+        config_path=out / "config.json",
+        mimi_config_path=out / config["mimi_config_name"],
+    )
+    mimi = info.get_mimi()
+    mimi.set_num_codebooks(model.cfg.n_q)
+    codes = np.random.default_rng(0).integers(0, model.cfg.quantizer.bins, (1, model.cfg.n_q, 8))
+    with torch.no_grad():
+        ref = mimi.decode(torch.from_numpy(codes)).numpy()[:, 0]
+    wav = np.asarray(model.decode(jnp.asarray(codes, jnp.int32)))
+    assert wav.shape == ref.shape and np.abs(wav - ref).max() < 1e-4
 
 
 def test_an_sfm_export_serves_as_a_codec_checkpoint(

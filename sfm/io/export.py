@@ -10,8 +10,9 @@ Python code from it: JSON, YAML (safe), safetensors, and (stablehlo) serialized 
 - "sfm": the weight files copied as they are, and the weights' stored config as
   `config.yaml`; `sfm.io.weights.load_weights(model, folder)` loads the file of its model.
 - "moshi": the LM as `model.safetensors` (Kyutai's layout, fused attention projections),
-  the codec as `mimi.safetensors`, and `config.json` holding moshi's `lm_kwargs` with the
-  file names, as in Kyutai's repos.
+  the codec as `mimi.safetensors` with its moshi config in `mimi_config.json` (a Kyutai
+  Mimi given as --codec is copied as it is, without one), and `config.json` holding moshi's
+  `lm_kwargs` with the file names, as in Kyutai's repos.
 - "stablehlo": the engine's functions and their weights (`sfm.infer.stablehlo` writes it
   with `write_export`; `verify_export` checks it like the others).
 """
@@ -55,6 +56,7 @@ WEIGHT_FILES: dict[str, dict[Kind, str]] = {
     "moshi": {"lm": "model.safetensors", "codec": "mimi.safetensors"},
 }
 CONFIG_FILES: dict[str, str] = {"sfm": "config.yaml", "moshi": "config.json"}
+MIMI_CONFIG = "mimi_config.json"  # a moshi export's codec config (moshi's `mimi_config_name`)
 # The files a stablehlo export (the engine's functions and their weights) must hold.
 STABLEHLO_FILES: tuple[str, ...] = (
     "serving.json",
@@ -274,7 +276,7 @@ def _export_sfm(found: Mapping[Kind, Path], codec: PathLike | None, out: Path) -
 
 
 def _export_moshi(found: Mapping[Kind, Path], codec: PathLike | None, out: Path) -> None:
-    from sfm.io.mimi import export_mimi
+    from sfm.io.mimi import export_mimi, moshi_config
     from sfm.io.moshi_lm import export_moshi_lm, moshi_lm_kwargs
 
     names = WEIGHT_FILES["moshi"]
@@ -297,10 +299,13 @@ def _export_moshi(found: Mapping[Kind, Path], codec: PathLike | None, out: Path)
         config.update(model_type="moshi", moshi_name=names["lm"])
         if mimi is not None or kyutai_mimi is not None:
             config["mimi_name"] = names["codec"]
+        if mimi is not None:
+            config["mimi_config_name"] = MIMI_CONFIG
         export_moshi_lm(lm, out / names["lm"])
         (out / CONFIG_FILES["moshi"]).write_text(json.dumps(config, indent=2) + "\n")
-    if mimi is not None:
+    if mimi is not None:  # its config too: moshi assumes the released Mimi's otherwise
         export_mimi(mimi, out / names["codec"])
+        (out / MIMI_CONFIG).write_text(json.dumps(moshi_config(mimi.cfg), indent=2) + "\n")
     if kyutai_mimi is not None:
         shutil.copyfile(kyutai_mimi, out / names["codec"])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flax import nnx
@@ -214,3 +215,63 @@ def import_mimi(path: str | Path, cfg: CodecConfig, *, seed: int = 0) -> Mimi:
 def export_mimi(model: Mimi, path: str | Path) -> None:
     """Write the codec in Kyutai's safetensors layout (loadable by moshi's `get_mimi`)."""
     write_tensors(path, sfm_to_torch(model_to_flat(model), model.cfg))
+
+
+def moshi_config(cfg: CodecConfig) -> dict[str, Any]:
+    """moshi's `mimi_config` for `cfg`: what `loaders.get_mimi` takes, and what a Kyutai
+    repo's `mimi_config_name` file holds for a Mimi that is not the released one."""
+    s, t, q = cfg.seanet, cfg.transformer, cfg.quantizer
+    seanet = {
+        "channels": s.channels,
+        "dimension": s.dimension,
+        "causal": True,
+        "n_filters": s.n_filters,
+        "n_residual_layers": s.n_residual_layers,
+        "activation": "ELU",
+        "compress": s.compress,
+        "dilation_base": s.dilation_base,
+        "disable_norm_outer_blocks": 0,
+        "kernel_size": s.kernel_size,
+        "residual_kernel_size": s.residual_kernel_size,
+        "last_kernel_size": s.last_kernel_size,
+        "norm": "none",
+        "pad_mode": s.pad_mode,
+        "ratios": list(s.ratios),
+        "true_skip": s.true_skip,
+    }
+    quantizer = {
+        "dimension": q.dimension,
+        "n_q": q.total_codebooks,
+        "n_q_semantic": q.n_q_semantic,
+        "bins": q.bins,
+        "decay": q.decay,
+        "threshold_usage_ratio": q.threshold_usage_ratio,
+        "replaced_usage_ratio": q.replaced_usage_ratio,
+        "q_dropout": q.q_dropout,
+        "input_dimension": s.dimension,
+        "output_dimension": s.dimension,
+    }
+    transformer = {
+        "d_model": t.d_model,
+        "num_heads": t.num_heads,
+        "num_layers": t.num_layers,
+        "causal": True,
+        "layer_scale": t.layer_scale,
+        "context": t.context,
+        "conv_layout": True,
+        "max_period": t.max_period,
+        "gating": "none",
+        "norm": "layer_norm",
+        "positional_embedding": "rope",
+        "dim_feedforward": t.dim_feedforward,
+        "input_dimension": s.dimension,
+        "output_dimensions": [s.dimension],
+    }
+    return {
+        "sample_rate": cfg.sample_rate,
+        "channels": s.channels,
+        "frame_rate": cfg.frame_rate,
+        "seanet": seanet,
+        "quantizer": quantizer,
+        "transformer": transformer,
+    }

@@ -25,7 +25,7 @@ from sfm.codec.config import (  # noqa: E402
     SeanetConfig,
 )
 from sfm.codec.model import Mimi  # noqa: E402
-from sfm.io.mimi import torch_to_sfm  # noqa: E402
+from sfm.io.mimi import moshi_config, torch_to_sfm  # noqa: E402
 
 # A small Mimi with the real frame size (1920 samples at 24 kHz) for fast parity tests. Its
 # attention context (40 steps = 1.6 s at 25 Hz) is shorter than the test clips, so streaming
@@ -38,65 +38,6 @@ REDUCED_CONFIG = CodecConfig(
     ),
     quantizer=QuantizerConfig(dimension=32, total_codebooks=8, bins=256),
 )
-
-
-def moshi_config(cfg: CodecConfig) -> dict[str, Any]:
-    """The `mimi_config` dict that `loaders.get_mimi` takes, equivalent to `cfg`."""
-    s, t, q = cfg.seanet, cfg.transformer, cfg.quantizer
-    seanet = {
-        "channels": s.channels,
-        "dimension": s.dimension,
-        "causal": True,
-        "n_filters": s.n_filters,
-        "n_residual_layers": s.n_residual_layers,
-        "activation": "ELU",
-        "compress": s.compress,
-        "dilation_base": s.dilation_base,
-        "disable_norm_outer_blocks": 0,
-        "kernel_size": s.kernel_size,
-        "residual_kernel_size": s.residual_kernel_size,
-        "last_kernel_size": s.last_kernel_size,
-        "norm": "none",
-        "pad_mode": s.pad_mode,
-        "ratios": list(s.ratios),
-        "true_skip": s.true_skip,
-    }
-    quantizer = {
-        "dimension": q.dimension,
-        "n_q": q.total_codebooks,
-        "n_q_semantic": q.n_q_semantic,
-        "bins": q.bins,
-        "decay": q.decay,
-        "threshold_usage_ratio": q.threshold_usage_ratio,
-        "replaced_usage_ratio": q.replaced_usage_ratio,
-        "q_dropout": q.q_dropout,
-        "input_dimension": s.dimension,
-        "output_dimension": s.dimension,
-    }
-    transformer = {
-        "d_model": t.d_model,
-        "num_heads": t.num_heads,
-        "num_layers": t.num_layers,
-        "causal": True,
-        "layer_scale": t.layer_scale,
-        "context": t.context,
-        "conv_layout": True,
-        "max_period": t.max_period,
-        "gating": "none",
-        "norm": "layer_norm",
-        "positional_embedding": "rope",
-        "dim_feedforward": t.dim_feedforward,
-        "input_dimension": s.dimension,
-        "output_dimensions": [s.dimension],
-    }
-    return {
-        "sample_rate": cfg.sample_rate,
-        "channels": s.channels,
-        "frame_rate": cfg.frame_rate,
-        "seanet": seanet,
-        "quantizer": quantizer,
-        "transformer": transformer,
-    }
 
 
 def build_moshi_mimi(cfg: CodecConfig, seed: int = 0) -> MimiModel:
