@@ -9,7 +9,7 @@ APT_PACKAGES=(espeak-ng libespeak-ng1 sox ffmpeg flite alsa-utils codec2-example
 VENV=.venv
 MOSHI=moshi==0.2.13
 STAMP=$VENV/.sfm-setup-stamp  # fingerprint of the last successful Python install
-EXTRAS="dev,interop,eval,tpu${SFM_EXTRAS:+,$SFM_EXTRAS}"
+EXTRAS="dev,interop,eval,tpu,serve${SFM_EXTRAS:+,$SFM_EXTRAS}"
 
 log() { echo "setup: $*"; }
 fail() { echo "setup: error: $*" >&2; exit 1; }

@@ -239,6 +239,68 @@ def _infer(args: argparse.Namespace) -> None:
     )
 
 
+def _pieces(tokenizer: str | None) -> list[str] | None:
+    """The text pieces of a SentencePiece model file (None without one)."""
+    if not tokenizer:
+        return None
+    from sfm.data.tokenizer import load_tokenizer
+
+    sp = load_tokenizer(tokenizer)
+    return [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+
+
+def _serve(args: argparse.Namespace) -> None:
+    """`sfm serve`: the Moshi-protocol WebSocket server over the engine."""
+    import asyncio
+    import logging
+
+    from sfm.infer.converse import load_models
+    from sfm.infer.engine import Engine
+    from sfm.infer.server import Server, serve
+    from sfm.lm.generate import SamplingConfig
+    from sfm.lm.layout import TEXT_EPAD, TEXT_PAD
+
+    flags = {"host": args.host, "port": args.port, "slots": args.slots, "weights": args.weights}
+    overrides = [f"serve.{k}={v}" for k, v in flags.items() if v is not None]
+    codec, lm, cfg = load_models(
+        args.checkpoint, args.config, args.codec, [*args.overrides, *overrides]
+    )
+    sampling = SamplingConfig(greedy=args.greedy)
+    engine = Engine(codec, lm, cfg.serve.slots, sampling, seed=cfg.seed, weights=cfg.serve.weights)
+    server = Server(engine, cfg.serve, _pieces(args.tokenizer), (TEXT_PAD, TEXT_EPAD))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    async def run() -> None:
+        runner = await serve(server, cfg.serve)
+        print(
+            f"serving {cfg.serve.slots} slots on http://{cfg.serve.host}:{cfg.serve.port}",
+            flush=True,
+        )
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(run())
+
+
+def _chat(args: argparse.Namespace) -> None:
+    """`sfm chat`: a recorded user turn through a Moshi-protocol server."""
+    import asyncio
+
+    from sfm.data.audio import load_audio
+    from sfm.infer.client import chat, with_query
+
+    user_t = load_audio(args.wav, 24000, args.channel)
+    url = with_query(args.url, seed=args.seed, token=args.token)
+    talk = asyncio.run(chat(url, user_t, fast=args.fast, timeout_s=args.timeout))
+    text = talk.write(args.out)
+    print(
+        f"{args.out}: {talk.stereo_tc.shape[0] / talk.sample_rate:.1f} s, {len(talk.text)} text "
+        f"pieces ({text}); wall time {talk.seconds:.1f} s"
+    )
+
+
 def _export(args: argparse.Namespace) -> None:
     """`sfm export SOURCE OUT --format F`: a run's weights as an sfm or moshi folder, or the
     engine over them as StableHLO."""
@@ -376,6 +438,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inf.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     inf.set_defaults(run=_infer, jit=True)
+    srv = commands.add_parser("serve", help="Moshi-protocol WebSocket server over the engine")
+    srv.add_argument("--checkpoint", help="LM weights: sfm file, run or export folder, Moshi")
+    srv.add_argument("--config", help="lm preset or YAML (alone: random weights)")
+    srv.add_argument("--codec", help="codec weights: sfm or Kyutai Mimi (default: random)")
+    srv.add_argument("--tokenizer", help="SentencePiece model: text pieces sent to clients")
+    srv.add_argument("--host", help="address to bind (serve.host, default 127.0.0.1)")
+    srv.add_argument("--port", type=int, help="port (serve.port, default 8998)")
+    srv.add_argument("--slots", type=int, help="concurrent conversations (serve.slots)")
+    srv.add_argument("--weights", choices=WEIGHT_FORMATS, help="LM weights as served")
+    srv.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    srv.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    srv.set_defaults(run=_serve, jit=True)
+    cht = commands.add_parser("chat", help="talk to a Moshi-protocol server with a WAV file")
+    cht.add_argument("--url", default="ws://127.0.0.1:8998/api/chat", help="server's /api/chat")
+    cht.add_argument("--wav", required=True, help="the user's audio")
+    cht.add_argument("--channel", type=int, default=None, help="channel of a multi-channel file")
+    cht.add_argument("--out", required=True, help="stereo WAV to write (model left, user right)")
+    cht.add_argument("--fast", action="store_true", help="send as fast as possible, not live")
+    cht.add_argument("--seed", type=int, default=None, help="the session's sampling seed")
+    cht.add_argument("--token", default=None, help="the server's token, if it has one")
+    cht.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for a reply")
+    cht.set_defaults(run=_chat)
     exp = commands.add_parser(
         "export",
         help="a checked folder: sfm's or Kyutai's (moshi) weights, or the engine (stablehlo)",

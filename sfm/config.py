@@ -27,6 +27,7 @@ import yaml
 from sfm.codec.config import CodecConfig
 from sfm.data.config import SOURCES, DataConfig
 from sfm.errors import ConfigError
+from sfm.infer.config import ServeConfig
 from sfm.lm.config import LMConfig
 from sfm.parallel.config import MeshConfig
 from sfm.train.config import CodecTrainConfig, TrainConfig
@@ -47,6 +48,7 @@ class Config:
     train: TrainConfig = TrainConfig()
     codec_train: CodecTrainConfig = CodecTrainConfig()
     mesh: MeshConfig = MeshConfig()
+    serve: ServeConfig = ServeConfig()
     seed: int = 0
 
 

@@ -36,7 +36,7 @@ class Conversation:
 
     stereo_tc: np.ndarray  # float32 [T, 2]: model (left), user (right)
     sample_rate: int
-    text: list[tuple[float, int, str]]  # (seconds, token id, piece) per non-pad text token
+    text: list[tuple[float, int, str]]  # (seconds, token id or -1 for a client, piece)
     seconds: float  # wall time of the steps
     frames: int
 

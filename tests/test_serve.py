@@ -1,0 +1,285 @@
+"""`sfm serve` and `sfm chat`: Moshi's protocol over the engine, checked against the engine run
+by hand; busy slots, tokens, malformed messages, idle clients and disconnects; a short load
+test (bench/serve.py runs the long one)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import sphn
+from flax import nnx
+
+from sfm.codec.model import Mimi
+from sfm.config import load_config, resolve_preset
+from sfm.errors import ConfigError
+from sfm.infer.client import PAGE, ChatError, chat, with_query
+from sfm.infer.config import ServeConfig
+from sfm.infer.engine import Engine
+from sfm.infer.server import Server, serve
+from sfm.lm.generate import SamplingConfig
+from sfm.lm.model import LM
+from sfm.testing.load import run_load
+
+SLOTS, TOKEN, RATE = 4, "s3cret", 24000
+SAMPLING = SamplingConfig()
+
+
+def _speech(seconds: float, seed: int) -> np.ndarray:
+    """A gliding tone with noise: audio that moves the codes."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * RATE)) / RATE
+    f0 = rng.uniform(100, 300) * (1 + 0.2 * np.sin(2 * np.pi * rng.uniform(0.5, 2) * t))
+    wav = 0.3 * np.sin(2 * np.pi * np.cumsum(f0) / RATE) + 0.02 * rng.standard_normal(t.size)
+    return wav.astype(np.float32)
+
+
+class Running:
+    """A server on an event loop of its own thread, bound to a free loopback port."""
+
+    def __init__(self, server: Server, cfg: ServeConfig) -> None:
+        self.server, self.loop = server, asyncio.new_event_loop()
+        self.runner = self.loop.run_until_complete(serve(server, cfg))
+        self.port = self.runner.addresses[0][1]
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str = "/api/chat", **query: str | int | None) -> str:
+        scheme = "ws" if path == "/api/chat" else "http"
+        return with_query(f"{scheme}://127.0.0.1:{self.port}{path}", **query)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[Mimi, LM]:
+    """The tiny codec (codebooks from one training pass, so audio moves the codes) and LM."""
+    cfg = load_config(resolve_preset("tiny", "lm"))
+    codec = Mimi(cfg.codec, rngs=nnx.Rngs(0))
+    codec(jnp.asarray(np.stack([_speech(0.8, s) for s in range(4)])), jax.random.key(0))
+    return codec, LM(cfg.lm, rngs=nnx.Rngs(1))
+
+
+@pytest.fixture(scope="module")
+def running(models: tuple[Mimi, LM]) -> Iterator[Running]:
+    cfg = ServeConfig(port=0, slots=SLOTS, token=TOKEN, idle_timeout_s=4.0, max_buffer_s=5.0)
+    engine = Engine(*models, SLOTS, SAMPLING)
+    run = Running(Server(engine, cfg, pad_ids=(0, 3)), cfg)
+    yield run
+    run.close()
+
+
+def _pages(seconds: float, seed: int) -> bytes:
+    """Ogg/Opus pages of `seconds` of speech (whole 80 ms pages)."""
+    writer, wav = sphn.OpusStreamWriter(RATE), _speech(seconds, seed)
+    return b"".join(
+        writer.append_pcm(wav[i : i + PAGE]) for i in range(0, len(wav) - PAGE + 1, PAGE)
+    )
+
+
+def _opus_round_trip(user_t: np.ndarray) -> np.ndarray:
+    """What the server hears: the client's Opus pages decoded."""
+    writer, reader = sphn.OpusStreamWriter(RATE), sphn.OpusStreamReader(RATE)
+    frames = -(-len(user_t) // PAGE)
+    padded = np.zeros(frames * PAGE, np.float32)
+    padded[: len(user_t)] = user_t
+    data = b"".join(writer.append_pcm(padded[i * PAGE : (i + 1) * PAGE]) for i in range(frames))
+    return np.asarray(reader.append_bytes(data), np.float32)
+
+
+def _pieces_by_hand(models: tuple[Mimi, LM], heard: np.ndarray, seed: int) -> list[str]:
+    """The text an engine like the server's says to `heard`, then to silence (what a session
+    hears once its client has sent everything)."""
+    engine = Engine(*models, SLOTS, SAMPLING)
+    slot = engine.join(jax.random.key(seed))
+    n, pieces = engine.frame_size, []
+    heard = np.concatenate([heard, np.zeros(100 * n, np.float32)])
+    for t in range(len(heard) // n):
+        out = engine.step({slot: heard[t * n : (t + 1) * n]})
+        if out.valid[slot] and int(out.text[slot]) not in (0, 3):
+            pieces.append(f"<{int(out.text[slot])}>")
+    return pieces
+
+
+def _metric(run: Running, name: str) -> float:
+    return _metric_of(run, name, TOKEN)
+
+
+def _metric_of(run: Running, name: str, token: str | None = None) -> float:
+    text = asyncio.run(_get(run.url("/metrics", token=token)))[1]
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name)]
+    return sum(values)
+
+
+async def _get(url: str, **kw: object) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as http, http.get(url, **kw) as resp:  # type: ignore[arg-type]
+        return resp.status, await resp.text()
+
+
+def test_a_conversation_equals_the_engine_by_hand_and_a_second_one_is_fresh(
+    running: Running, models: tuple[Mimi, LM]
+) -> None:
+    user = _speech(1.6, 0)
+    talks = [asyncio.run(chat(running.url(seed=7, token=TOKEN), user, fast=True)) for _ in "ab"]
+    want = _pieces_by_hand(models, _opus_round_trip(user), seed=7)
+    for talk in talks:
+        got = [piece for _, _, piece in talk.text]
+        assert len(got) > len(user) // 480 - 8 and got == want[: len(got)]
+        np.testing.assert_array_equal(talk.stereo_tc[: len(user), 1], user)
+        assert np.abs(talk.stereo_tc[:, 0]).max() > 0
+    np.testing.assert_array_equal(talks[0].stereo_tc, talks[1].stereo_tc)  # fresh, not resumed
+    assert [t[2] for t in talks[0].text] == [t[2] for t in talks[1].text]
+    assert _metric(running, "sfm_free_slots") == SLOTS
+
+
+def test_busy_slots_get_a_close_reason_and_a_freed_slot_serves_again(running: Running) -> None:
+    async def scenario() -> None:
+        async with aiohttp.ClientSession() as http:
+            held = [await http.ws_connect(running.url(token=TOKEN)) for _ in range(SLOTS)]
+            for ws in held:
+                assert (await ws.receive()).data == b"\x00"
+            extra = await http.ws_connect(running.url(token=TOKEN))
+            msg = await extra.receive()
+            assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1013
+            assert msg.extra == f"all {SLOTS} slots are busy"
+            await held[0].close()
+            await asyncio.sleep(0.5)
+            again = await http.ws_connect(running.url(token=TOKEN))
+            assert (await again.receive()).data == b"\x00"
+            for ws in [again, *held[1:]]:
+                await ws.close()
+
+    asyncio.run(scenario())
+    asyncio.run(asyncio.sleep(0.5))
+    assert _metric(running, "sfm_free_slots") == SLOTS
+
+
+def test_a_token_is_required_and_compared(running: Running) -> None:
+    assert asyncio.run(_get(running.url("/metrics")))[0] == 401
+    assert asyncio.run(_get(running.url("/metrics", token="wrong")))[0] == 401
+    header = {"Authorization": f"Bearer {TOKEN}"}
+    assert asyncio.run(_get(running.url("/metrics"), headers=header))[0] == 200
+    assert asyncio.run(_get(running.url("/healthz"))) == (200, "ok")
+    with pytest.raises(ChatError, match="refused the connection: 401"):
+        asyncio.run(chat(running.url(), _speech(0.2, 1)))
+    with pytest.raises(ConfigError, match="serve.host: 0.0.0.0 is not loopback"):
+        Server(Engine(*_tiny_pair(), 1), ServeConfig(host="0.0.0.0"))
+
+
+def _tiny_pair() -> tuple[Mimi, LM]:
+    cfg = load_config(resolve_preset("tiny", "lm"))
+    return Mimi(cfg.codec, rngs=nnx.Rngs(0)), LM(cfg.lm, rngs=nnx.Rngs(1))
+
+
+def test_malformed_messages_are_dropped_and_bad_opus_closes_only_its_session(
+    running: Running, models: tuple[Mimi, LM]
+) -> None:
+    before = _metric(running, "sfm_malformed_messages_total")
+
+    async def scenario() -> None:
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(running.url(token=TOKEN))
+            assert (await ws.receive()).data == b"\x00"
+            await ws.send_str("hello")
+            for data in (b"", b"\x07abc", b"\x02text from the client", b"\x00"):
+                await ws.send_bytes(data)
+            await ws.send_bytes(b"\x01" + _pages(0.16, 2))  # a frame + the jitter buffer
+            msg = await ws.receive(timeout=10)  # still served: the model's audio comes back
+            assert msg.type == aiohttp.WSMsgType.BINARY and msg.data[0] in (1, 2)
+            bystander = await http.ws_connect(running.url(token=TOKEN))
+            assert (await bystander.receive()).data == b"\x00"
+            await ws.send_bytes(b"\x01" + b"garbage, not an Ogg page " * 8)
+            while (msg := await ws.receive(timeout=10)).type == aiohttp.WSMsgType.BINARY:
+                pass
+            assert msg.type == aiohttp.WSMsgType.CLOSE and msg.extra == "undecodable Opus"
+            big = await http.ws_connect(running.url(token=TOKEN))
+            assert (await big.receive()).data == b"\x00"
+            await big.send_bytes(b"\x01" + bytes(1 << 17))
+            while (msg := await big.receive(timeout=10)).type == aiohttp.WSMsgType.BINARY:
+                pass
+            assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1009
+            await bystander.send_bytes(b"\x01" + _pages(0.16, 3))
+            msg = await bystander.receive(timeout=10)
+            assert msg.type == aiohttp.WSMsgType.BINARY
+            await bystander.close()
+
+    asyncio.run(scenario())
+    assert _metric(running, "sfm_malformed_messages_total") - before == 7
+    asyncio.run(asyncio.sleep(0.5))
+    assert _metric(running, "sfm_free_slots") == SLOTS
+
+
+def test_an_idle_client_is_closed_with_a_reason(running: Running) -> None:
+    async def scenario() -> aiohttp.WSMessage:
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(running.url(token=TOKEN))
+            assert (await ws.receive()).data == b"\x00"
+            return await ws.receive(timeout=20)
+
+    msg = asyncio.run(scenario())
+    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.extra == "idle for 4 s"
+
+
+def test_chat_cli_writes_the_conversation(running: Running, tmp_path: Path) -> None:
+    import json
+
+    import soundfile as sf
+
+    from sfm.cli import main
+
+    user = _speech(1.0, 4)
+    sf.write(tmp_path / "user.wav", user, RATE, subtype="FLOAT")
+    argv = ["chat", "--url", running.url(), "--token", TOKEN, "--seed", "3", "--fast"]
+    assert main([*argv, "--wav", str(tmp_path / "user.wav"), "--out", str(tmp_path / "o.wav")]) == 0
+    stereo, rate = sf.read(tmp_path / "o.wav", dtype="float32")
+    assert rate == RATE and stereo.shape[1] == 2 and stereo.shape[0] >= len(user)
+    text = json.loads((tmp_path / "o.json").read_text())
+    assert text["channels"] == ["model", "user"]
+    wrong = ["chat", "--url", running.url(token="wrong"), "--wav", str(tmp_path / "user.wav")]
+    assert main([*wrong, "--out", str(tmp_path / "x.wav")]) == 2
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_load_many_users_with_abrupt_disconnects_and_malformed_messages(
+    models: tuple[Mimi, LM],
+) -> None:
+    """8 users for 15 s in real time, reconnecting, a third of turns cut off and a quarter
+    sending malformed messages: the server stays up, no slot leaks, memory stays flat."""
+    cfg = ServeConfig(port=0, slots=8, idle_timeout_s=10.0)
+    run = Running(Server(Engine(*models, 8, SAMPLING), cfg), cfg)
+    try:
+        asyncio.run(run_load(run.url(), 8, 3.0, seed=1, turn_s=(0.5, 1.0)))  # warm
+        rss, malformed = _rss_mib(), _metric_of(run, "sfm_malformed_messages_total")
+        report = asyncio.run(run_load(run.url(), 8, 15.0, seed=2, turn_s=(1.0, 3.0)))
+        asyncio.run(asyncio.sleep(1.0))
+        grown = _rss_mib() - rss
+        lat = report.percentiles()
+        print(
+            f"turns {report.turns}, aborted {report.aborted}, refused {report.refused}, "
+            f"lag ms {lat}, rss +{grown:.1f} MiB, server step {run.server.engine.latency_ms()}"
+        )
+        assert not report.errors, report.errors[:3]
+        assert report.turns >= 40 and report.aborted >= 10 and report.malformed_sent >= 20
+        assert _metric_of(run, "sfm_free_slots") == 8
+        assert _metric_of(run, "sfm_sessions_active") == 0
+        dropped = _metric_of(run, "sfm_malformed_messages_total") - malformed
+        assert dropped == report.malformed_sent
+        assert asyncio.run(_get(run.url("/healthz"))) == (200, "ok")
+        assert grown < 64, f"memory grew by {grown:.1f} MiB across {report.turns} sessions"
+    finally:
+        run.close()
