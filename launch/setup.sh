@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Sets up sfm from a fresh clone on Debian: audio tools, .venv, the package (dev, interop, eval).
+# Sets up sfm from a fresh clone on Debian: audio tools, .venv, the package (dev, interop, eval,
+# tpu, serve).
 # SFM_EXTRAS adds comma-separated extras to those, e.g. SFM_EXTRAS=seqio (TensorFlow: ~2 GB).
 # Idempotent: safe to rerun; apt is skipped when its packages are already installed.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-APT_PACKAGES=(espeak-ng libespeak-ng1 sox ffmpeg flite alsa-utils codec2-examples ktuberling-data)
+APT_PACKAGES=(espeak-ng libespeak-ng1 sox ffmpeg flite alsa-utils codec2-examples ktuberling-data
+  chromium chromium-driver)
 VENV=.venv
 MOSHI=moshi==0.2.13
 STAMP=$VENV/.sfm-setup-stamp  # fingerprint of the last successful Python install

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -283,3 +284,49 @@ def test_load_many_users_with_abrupt_disconnects_and_malformed_messages(
         assert grown < 64, f"memory grew by {grown:.1f} MiB across {report.turns} sessions"
     finally:
         run.close()
+
+
+def test_the_web_page_talks_in_headless_chromium(running: Running, tmp_path: Path) -> None:
+    """Debian's chromium with a WAV file as its microphone: the page connects, streams for a
+    few seconds, plays back the model's audio in real time and shows its text; disconnecting
+    frees the slot."""
+    import soundfile as sf
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    sf.write(tmp_path / "mic.wav", _speech(8.0, 5), RATE, subtype="PCM_16")
+    options = Options()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={tmp_path / 'mic.wav'}",
+        "--autoplay-policy=no-user-gesture-required",
+    ):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    try:
+        browser.get(f"http://127.0.0.1:{running.port}/?token={TOKEN}&seed=1")
+        browser.find_element(By.ID, "connect").click()
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 30:
+            stats = browser.execute_script("return window.sfm")
+            if stats["received"] >= 3.0:
+                break
+            time.sleep(0.5)
+        seconds = time.perf_counter() - t0
+        assert stats["status"] == "connected: talk", stats
+        assert stats["received"] >= 3.0 and stats["received"] <= seconds + 0.5, (stats, seconds)
+        assert stats["pieces"] > 0 and browser.find_element(By.ID, "transcript").text
+        assert browser.find_element(By.ID, "lag").text.endswith(" ms")
+        assert _metric(running, "sfm_sessions_active") == 1
+        browser.find_element(By.ID, "connect").click()
+        time.sleep(1.0)
+        assert browser.execute_script("return window.sfm.status") == "disconnected"
+    finally:
+        browser.quit()
+    assert _metric(running, "sfm_free_slots") == SLOTS

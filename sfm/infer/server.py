@@ -1,5 +1,6 @@
 """`sfm serve`: Moshi's WebSocket protocol over the engine, many conversations at once.
 
+    GET /           the web page (static/: microphone in, the model's voice out, its text)
     GET /api/chat   WebSocket; binary messages, the first byte their kind (Moshi's protocol):
                     server -> 0x00 when the session is ready; 0x01 + Ogg/Opus (24 kHz mono)
                     both ways; server -> 0x02 + UTF-8, the model's text pieces.
@@ -31,6 +32,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import jax
@@ -46,6 +48,7 @@ from sfm.infer.engine import Engine, Frame
 log = logging.getLogger("sfm.serve")
 HANDSHAKE, AUDIO, TEXT = 0, 1, 2
 TOKEN_ENV = "SFM_SERVE_TOKEN"
+STATIC = Path(__file__).parent / "static"  # the web page
 MAX_DEBT = 4  # frames a late step may be behind the clock before the lag is forgiven
 T = TypeVar("T")
 
@@ -64,7 +67,9 @@ class _Metrics:
             registry=r,
         )
         self.behind = Gauge(
-            "sfm_frames_behind", "Most user frames any session has waiting", registry=r
+            "sfm_frames_behind",
+            "Most user frames a session has waiting beyond its jitter buffer",
+            registry=r,
         )
         self.underruns = Counter(
             "sfm_underruns", "Frames a started session's audio was late", registry=r
@@ -118,11 +123,14 @@ class Server:
         self._lock = asyncio.Lock()  # one engine call at a time
         self._wake = asyncio.Event()
         self._frame_s = engine.frame_size / engine.sample_rate
+        self._jitter_samples = int(cfg.jitter_buffer_s * engine.sample_rate)
 
     # ------------------------------------------------------------------ app
 
     def app(self) -> web.Application:
         app = web.Application()
+        app.router.add_get("/", self._page)
+        app.router.add_get("/chat.js", self._page)
         app.router.add_get("/api/chat", self._chat)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
@@ -147,6 +155,12 @@ class Server:
         header = request.headers.get("Authorization", "")
         given = request.query.get("token") or header.removeprefix("Bearer ").strip()
         return hmac.compare_digest(given.encode(), self.token.encode())
+
+    async def _page(self, request: web.Request) -> web.FileResponse:
+        """The web page (and its script): the query string carries the token to /api/chat."""
+        return web.FileResponse(
+            STATIC / ("chat.js" if request.path == "/chat.js" else "index.html")
+        )
 
     async def _healthz(self, request: web.Request) -> web.Response:
         if self.ready:
@@ -260,7 +274,7 @@ class Server:
         """One step per frame on a clock, for every session that has started; a step late by
         up to MAX_DEBT frames is caught up at once, further debt is forgiven."""
         n = self.engine.frame_size
-        start_at = n + int(self.cfg.jitter_buffer_s * self.engine.sample_rate)
+        start_at = n + self._jitter_samples
         tick: float | None = None
         while True:
             sessions = [s for s in self.sessions.values() if s.started or s.buffered >= start_at]
@@ -293,7 +307,8 @@ class Server:
             t0 = time.perf_counter()
             frame = await loop.run_in_executor(None, self.engine.step, user)
             self.metrics.latency.observe(time.perf_counter() - t0)
-        self.metrics.behind.set(max((s.buffered // n for s in sessions), default=0))
+        ahead = self._jitter_samples
+        self.metrics.behind.set(max((max(0, s.buffered - ahead) // n for s in sessions), default=0))
         await asyncio.gather(*(self._send(s, frame) for s in sessions))
 
     async def _send(self, s: _Session, frame: Frame) -> None:
