@@ -20,7 +20,7 @@ from sfm.codec.model import Mimi
 from sfm.codec.streaming import StreamingCodec
 from sfm.config import dump_yaml, load_config, resolve_preset
 from sfm.infer.converse import load_models
-from sfm.infer.engine import Engine
+from sfm.infer.engine import Engine, SessionSampling
 from sfm.infer.quantize import (
     Int8Weight,
     dequantize,
@@ -366,3 +366,28 @@ def test_engine_from_kyutai_files_and_an_sfm_export_equals_the_run(
             np.testing.assert_array_equal(got.codes, want.codes, err_msg=name)
             np.testing.assert_array_equal(got.text, want.text, err_msg=name)
             np.testing.assert_allclose(got.audio, want.audio, atol=1e-5, err_msg=name)
+
+
+def test_each_session_samples_with_its_own_settings(models: tuple[Mimi, LM]) -> None:
+    """In a sampling engine, a session at temperature 0 and one at top-k 1 say what a greedy
+    engine says; a neighbour at the engine's settings does not."""
+    codec, lm = models
+    user = _speech(FRAMES, codec.cfg.frame_size, 6)
+    greedy = Engine(codec, lm, SLOTS, SamplingConfig(greedy=True))
+    slot = greedy.join(jax.random.key(1))
+    want = _tokens(_run(greedy, {slot: user}, FRAMES))[:, slot]
+
+    engine = Engine(codec, lm, SLOTS, SAMPLED)
+    cold = engine.join(jax.random.key(1), SessionSampling(temp=0.0, temp_text=0.0))
+    top1 = engine.join(jax.random.key(2), SessionSampling(top_k=1, top_k_text=1))
+    warm = engine.join(jax.random.key(3))
+    got = _tokens(_run(engine, {cold: user, top1: user, warm: user}, FRAMES))
+    np.testing.assert_array_equal(got[:, cold], want)
+    assert not np.array_equal(got[:, warm], want)
+    # SAMPLED has no top-k cap (0: the full distribution), so a top-k of 1 is not applied
+    assert not np.array_equal(got[:, top1], want)
+    capped = Engine(codec, lm, SLOTS, SamplingConfig(top_k=8, top_k_text=8))
+    one = capped.join(jax.random.key(2), SessionSampling(top_k=1, top_k_text=1))
+    np.testing.assert_array_equal(_tokens(_run(capped, {one: user}, FRAMES))[:, one], want)
+    with pytest.raises(ValueError, match="temp: must be a finite number >= 0, got -1"):
+        engine.reset(cold, sampling=SessionSampling(temp=-1.0))

@@ -99,10 +99,12 @@ def _opus_round_trip(user_t: np.ndarray) -> np.ndarray:
     return np.asarray(reader.append_bytes(data), np.float32)
 
 
-def _pieces_by_hand(models: tuple[Mimi, LM], heard: np.ndarray, seed: int) -> list[str]:
+def _pieces_by_hand(
+    models: tuple[Mimi, LM], heard: np.ndarray, seed: int, sampling: SamplingConfig = SAMPLING
+) -> list[str]:
     """The text an engine like the server's says to `heard`, then to silence (what a session
     hears once its client has sent everything)."""
-    engine = Engine(*models, SLOTS, SAMPLING)
+    engine = Engine(*models, SLOTS, sampling)
     slot = engine.join(jax.random.key(seed))
     n, pieces = engine.frame_size, []
     heard = np.concatenate([heard, np.zeros(100 * n, np.float32)])
@@ -330,3 +332,19 @@ def test_the_web_page_talks_in_headless_chromium(running: Running, tmp_path: Pat
     finally:
         browser.quit()
     assert _metric(running, "sfm_free_slots") == SLOTS
+
+
+def test_sampling_settings_from_the_query(running: Running, models: tuple[Mimi, LM]) -> None:
+    """Moshi's query parameters: temperature 0 gives the greedy engine's words; a bad value is
+    refused with a reason naming the parameter."""
+    user = _speech(1.2, 6)
+    url = running.url(seed=2, token=TOKEN, text_temperature=0, audio_temperature=0)
+    talk = asyncio.run(chat(url, user, fast=True))
+    greedy = SamplingConfig(temp=0.0, temp_text=0.0)
+    want = _pieces_by_hand(models, _opus_round_trip(user), seed=2, sampling=greedy)
+    got = [piece for _, _, piece in talk.text]
+    assert len(got) > len(user) // 480 - 8 and got == want[: len(got)]
+    with pytest.raises(ChatError, match="audio_topk: 'many' is not an integer"):
+        asyncio.run(chat(running.url(token=TOKEN, audio_topk="many"), user))
+    with pytest.raises(ChatError, match="text_temperature: must be a finite number >= 0"):
+        asyncio.run(chat(running.url(token=TOKEN, text_temperature=-1), user))

@@ -23,6 +23,8 @@ decoded. Idle slots run too (on silence); their state is discarded when a sessio
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -37,11 +39,41 @@ from flax import nnx
 from sfm.codec.model import Mimi
 from sfm.infer.config import WeightFormat
 from sfm.infer.quantize import dequantize, serving_leaves, weight_bytes
-from sfm.lm.generate import GenState, SamplingConfig, frame_step, init_state, reset_state
+from sfm.lm.generate import (
+    GenState,
+    SamplingConfig,
+    SlotSampling,
+    frame_step,
+    init_state,
+    reset_state,
+)
 from sfm.lm.model import LM
 from sfm.nn.streaming import StaticModel, reset_where
 
 LATENCY_WINDOW = 10_000  # per-frame latencies kept for the percentiles
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionSampling:
+    """One session's sampling; None keeps the engine's setting. Temperatures >= 0 (0: argmax),
+    top-k >= 0 (0: the engine's), at most the engine's top-k (which bounds every session)."""
+
+    temp_text: float | None = None
+    top_k_text: int | None = None
+    temp: float | None = None
+    top_k: int | None = None
+
+    def resolve(self, engine: SamplingConfig) -> tuple[float, int, float, int]:
+        """(temp_text, top_k_text, temp, top_k) with the engine's values filled in; ValueError
+        naming the setting when one is out of range."""
+        out = []
+        for name in ("temp_text", "top_k_text", "temp", "top_k"):
+            value = getattr(self, name)
+            value = getattr(engine, name) if value is None else value
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}: must be a finite number >= 0, got {value}")
+            out.append(int(value) if name.startswith("top_k") else float(value))
+        return out[0], out[1], out[2], out[3]
 
 
 class EngineState(NamedTuple):
@@ -50,6 +82,7 @@ class EngineState(NamedTuple):
     encode: Any  # the codec encoder's streaming state
     decode: Any  # the codec decoder's streaming state
     gen: GenState  # the LM's generation state (offsets, KV rings, delayed-token ring, keys)
+    sampling: SlotSampling  # each session's temperatures and top-k
 
 
 class Frame(NamedTuple):
@@ -95,30 +128,38 @@ def engine_step(
 ) -> tuple[EngineState, jax.Array, jax.Array, jax.Array]:
     """One frame for every slot: (state, tokens [B, 1 + dep_q], audio [B, frame], valid [B])."""
     encode, user_bkt = codec.encode_step(state.encode, wav_bt, lm.cfg.n_q)
-    gen, tokens, valid = frame_step(lm, sampling, state.gen, user_bkt[:, :, 0])
+    gen, tokens, valid = frame_step(lm, sampling, state.gen, user_bkt[:, :, 0], state.sampling)
     stepped, audio = codec.decode_step(state.decode, jnp.maximum(tokens[:, 1:, None], 0))
     decode = reset_where(state.decode, stepped, valid)  # an empty frame leaves it untouched
     audio = jnp.where(valid[:, None], audio, 0.0)
-    return EngineState(encode, decode, gen), tokens, audio, valid
+    return EngineState(encode, decode, gen, state.sampling), tokens, audio, valid
 
 
-def fresh_state(codec: Mimi, lm: LM, keys_b: jax.Array, capacity: int | None) -> EngineState:
+def fresh_state(
+    codec: Mimi, lm: LM, keys_b: jax.Array, capacity: int | None, sampling_b: SlotSampling
+) -> EngineState:
     """Every slot at the start of a session."""
     b = keys_b.shape[0]
-    return EngineState(
-        codec.init_encode_state(b), codec.init_decode_state(b), init_state(lm, keys_b, capacity)
-    )
+    gen = init_state(lm, keys_b, capacity)
+    return EngineState(codec.init_encode_state(b), codec.init_decode_state(b), gen, sampling_b)
 
 
 def reset_slots(
-    codec: Mimi, lm: LM, state: EngineState, mask_b: jax.Array, keys_b: jax.Array
+    codec: Mimi,
+    lm: LM,
+    state: EngineState,
+    mask_b: jax.Array,
+    keys_b: jax.Array,
+    sampling_b: SlotSampling,
 ) -> EngineState:
-    """Restart the slots where `mask_b` is true with keys `keys_b`; the others are untouched."""
+    """Restart the slots where `mask_b` is true with keys `keys_b` and sampling `sampling_b`;
+    the others are untouched."""
     b = mask_b.shape[0]
     return EngineState(
         reset_where(state.encode, codec.init_encode_state(b), mask_b),
         reset_where(state.decode, codec.init_decode_state(b), mask_b),
         reset_state(lm, state.gen, mask_b, keys_b),
+        reset_where(state.sampling, sampling_b, mask_b),
     )
 
 
@@ -130,15 +171,22 @@ def _step(
 
 
 @partial(jax.jit, static_argnums=(0, 3))
-def _init(models: Models, leaves: tuple, keys_b: jax.Array, capacity: int | None) -> EngineState:
-    return fresh_state(*models.build(leaves), keys_b, capacity)
+def _init(
+    models: Models, leaves: tuple, keys_b: jax.Array, capacity: int | None, sampling_b: Any
+) -> EngineState:
+    return fresh_state(*models.build(leaves), keys_b, capacity, sampling_b)
 
 
 @partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def _reset(
-    models: Models, leaves: tuple, state: EngineState, mask_b: jax.Array, keys_b: jax.Array
+    models: Models,
+    leaves: tuple,
+    state: EngineState,
+    mask_b: jax.Array,
+    keys_b: jax.Array,
+    sampling_b: SlotSampling,
 ) -> EngineState:
-    return reset_slots(*models.build(leaves), state, mask_b, keys_b)
+    return reset_slots(*models.build(leaves), state, mask_b, keys_b, sampling_b)
 
 
 class Engine:
@@ -174,14 +222,16 @@ class Engine:
         self._sessions = 0  # sessions started: the default key of the next is fold_in(seed, n)
         self._busy = np.zeros(slots, bool)
         keys = jax.vmap(lambda i: jax.random.fold_in(self._base_key, i))(jnp.arange(slots))
-        self._state = _init(self._models, self._leaves, keys, capacity)
+        defaults = SlotSampling.full(sampling, slots)
+        self._state = _init(self._models, self._leaves, keys, capacity, defaults)
         self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
 
     # ---------------------------------------------------------------- sessions
 
-    def join(self, key: jax.Array | None = None) -> int:
-        """Start a session in a free slot and return the slot; `key` (a PRNG key) sets its
-        sampling, by default a new one per session. RuntimeError when every slot is busy."""
+    def join(self, key: jax.Array | None = None, sampling: SessionSampling | None = None) -> int:
+        """Start a session in a free slot and return the slot; `key` (a PRNG key) seeds its
+        sampling, by default a new one per session; `sampling` sets its own temperatures and
+        top-k. RuntimeError when every slot is busy."""
         free = np.flatnonzero(~self._busy)
         if free.size == 0:
             raise RuntimeError(f"all {self.slots} slots are busy")
@@ -191,7 +241,7 @@ class Engine:
         if key is None:
             key = jax.random.fold_in(self._base_key, self.slots + self._sessions)
         self._sessions += 1
-        self.reset(slot, key)
+        self.reset(slot, key, sampling)
         self._busy[slot] = True
         return slot
 
@@ -200,15 +250,23 @@ class Engine:
         self._check(slot)
         self._busy[slot] = False
 
-    def reset(self, slot: int, key: jax.Array | None = None) -> None:
-        """Restart the session in `slot` (with `key`, else the slot's current key)."""
+    def reset(
+        self, slot: int, key: jax.Array | None = None, sampling: SessionSampling | None = None
+    ) -> None:
+        """Restart the session in `slot` (with `key`, else the slot's current key; with
+        `sampling`, else the engine's settings)."""
         self._check(slot, busy_or_free=True)
         mask = np.zeros(self.slots, bool)
         mask[slot] = True
         keys = jnp.copy(self._state.gen.keys)  # a new buffer: the state is donated
         if key is not None:
             keys = keys.at[slot].set(key)
-        self._state = _reset(self._models, self._leaves, self._state, jnp.asarray(mask), keys)
+        own = (sampling or SessionSampling()).resolve(self.sampling)
+        dtypes = (jnp.float32, jnp.int32, jnp.float32, jnp.int32)
+        values = SlotSampling(*(jnp.full((self.slots,), v, d) for v, d in zip(own, dtypes)))
+        self._state = _reset(
+            self._models, self._leaves, self._state, jnp.asarray(mask), keys, values
+        )
 
     @property
     def lm_weight_bytes(self) -> int:

@@ -5,7 +5,8 @@
                     server -> 0x00 when the session is ready; 0x01 + Ogg/Opus (24 kHz mono)
                     both ways; server -> 0x02 + UTF-8, the model's text pieces.
                     Query: `seed` (the session's sampling key; default a new one per session),
-                    `token` when the server has one.
+                    moshi's `text_temperature`, `text_topk`, `audio_temperature`, `audio_topk`
+                    (the session's own; top-k at most the server's), `token` if it has one.
     GET /healthz    200 once the engine's step is compiled, 503 before
     GET /metrics    Prometheus text: sessions, free slots, frame latency, frames behind real
                     time, underruns, malformed messages by kind
@@ -29,9 +30,10 @@ import asyncio
 import dataclasses
 import hmac
 import logging
+import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,7 +45,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from sfm.errors import ConfigError
 from sfm.infer.config import LOOPBACK, ServeConfig
-from sfm.infer.engine import Engine, Frame
+from sfm.infer.engine import Engine, Frame, SessionSampling
 
 log = logging.getLogger("sfm.serve")
 HANDSHAKE, AUDIO, TEXT = 0, 1, 2
@@ -84,6 +86,7 @@ class _Session:
     slot: int
     ws: web.WebSocketResponse
     key: jax.Array | None
+    sampling: SessionSampling
     reader: sphn.OpusStreamReader
     writer: sphn.OpusStreamWriter
     pending: list[np.ndarray] = dataclasses.field(default_factory=list)
@@ -183,18 +186,20 @@ class Server:
         peer = request.remote
         try:
             key = _session_key(request.query.get("seed"))
+            sampling = _session_sampling(request.query)
         except ValueError as err:
             await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=str(err).encode())
             return ws
         try:
             if not self.ready:
                 raise RuntimeError("warming up")
-            slot = await self._engine(self.engine.join, key)
+            slot = await self._engine(self.engine.join, key, sampling)
         except RuntimeError as err:  # warming up, or every slot busy
             await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=str(err).encode())
             return ws
         rate = self.engine.sample_rate
-        session = _Session(slot, ws, key, sphn.OpusStreamReader(rate), sphn.OpusStreamWriter(rate))
+        reader, writer = sphn.OpusStreamReader(rate), sphn.OpusStreamWriter(rate)
+        session = _Session(slot, ws, key, sampling, reader, writer)
         self.sessions[slot] = session
         self._update_gauges()
         log.info("%s: session in slot %d", peer, slot)
@@ -298,7 +303,8 @@ class Server:
             user = {}
             for s in sessions:
                 if not s.started:
-                    await loop.run_in_executor(None, self.engine.reset, s.slot, s.key)
+                    reset = self.engine.reset
+                    await loop.run_in_executor(None, reset, s.slot, s.key, s.sampling)
                     s.started = True
                 if s.buffered >= n:
                     user[s.slot] = s.take(n)
@@ -329,6 +335,31 @@ class Server:
         if self.pieces is None or not 0 <= token < len(self.pieces):
             return f"<{token}>"
         return self.pieces[token].replace("\u2581", " ")
+
+
+# Query parameters of Moshi's clients -> SessionSampling fields.
+SAMPLING_PARAMS: dict[str, tuple[str, type]] = {
+    "text_temperature": ("temp_text", float),
+    "text_topk": ("top_k_text", int),
+    "audio_temperature": ("temp", float),
+    "audio_topk": ("top_k", int),
+}
+
+
+def _session_sampling(query: Mapping[str, str]) -> SessionSampling:
+    """The session's sampling from the query (unset ones: the engine's)."""
+    given = {}
+    for param, (field, kind) in SAMPLING_PARAMS.items():
+        if param in query:
+            try:
+                value = kind(query[param])
+            except ValueError:
+                what = "an integer" if kind is int else "a number"
+                raise ValueError(f"{param}: {query[param]!r} is not {what}") from None
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{param}: must be a finite number >= 0, got {value}")
+            given[field] = value
+    return SessionSampling(**given)
 
 
 def _session_key(seed: str | None) -> jax.Array | None:

@@ -57,7 +57,7 @@ from sfm.infer.engine import (
 )
 from sfm.io.export import STABLEHLO_FILES, find_weights, write_export
 from sfm.io.tensors import CheckpointError, PathLike, write_tensors
-from sfm.lm.generate import SamplingConfig
+from sfm.lm.generate import SamplingConfig, SlotSampling
 
 PLATFORMS: tuple[str, ...] = ("cpu", "cuda", "tpu")
 SERVING, WEIGHTS, *_FUNCTIONS = STABLEHLO_FILES  # serving.json, weights.safetensors, *.jaxexport
@@ -86,12 +86,15 @@ class _Wire:
 
     def init(self, weights: list, key_data: jax.Array) -> list:
         keys = jax.random.wrap_key_data(key_data)
-        return self._out(fresh_state(*self.models.build(self._leaves(weights)), keys, None))
+        sampling = SlotSampling.full(self.sampling, key_data.shape[0])
+        models = self.models.build(self._leaves(weights))
+        return self._out(fresh_state(*models, keys, None, sampling))
 
     def reset(self, weights: list, state: list, mask_b: jax.Array, key_data: jax.Array) -> list:
         codec, lm = self.models.build(self._leaves(weights))
         keys = jax.random.wrap_key_data(key_data)
-        return self._out(reset_slots(codec, lm, self._in(state), mask_b, keys))
+        sampling = SlotSampling.full(self.sampling, key_data.shape[0])
+        return self._out(reset_slots(codec, lm, self._in(state), mask_b, keys, sampling))
 
     def step(self, weights: list, state: list, wav_bf: jax.Array) -> tuple:
         codec, lm = self.models.build(self._leaves(weights))

@@ -56,21 +56,72 @@ class GenState(NamedTuple):
         return self.lm["offset"]
 
 
-def sample(key: jax.Array, logits_v: jax.Array, temp: float, top_k: int, greedy: bool) -> jax.Array:
-    """One token from logits [V]: argmax if greedy or temp <= 0, else top-k + temperature."""
+def sample(
+    key: jax.Array,
+    logits_v: jax.Array,
+    temp: float | jax.Array,
+    top_k: int | jax.Array,
+    greedy: bool,
+    cap: int | None = None,
+) -> jax.Array:
+    """One token from logits [V]: argmax if greedy or temp <= 0, else top-k + temperature.
+
+    `temp` and `top_k` may be traced (a session's own settings); `cap` (static, default
+    `top_k`) bounds top_k: the `cap` best logits are kept and those past `top_k` masked
+    (top_k <= 0 keeps all `cap`). cap 0, or >= V, samples the full distribution."""
     logits_v = logits_v.astype(jnp.float32)
-    if greedy or temp <= 0:
+    cap = int(top_k) if cap is None else cap
+    if greedy or (isinstance(temp, float | int) and temp <= 0):
         return jnp.argmax(logits_v).astype(jnp.int32)
-    if 0 < top_k < logits_v.shape[-1]:
-        vals, idx = jax.lax.top_k(logits_v, top_k)
-        return idx[jax.random.categorical(key, vals / temp)].astype(jnp.int32)
-    return jax.random.categorical(key, logits_v / temp).astype(jnp.int32)
+    if 0 < cap < logits_v.shape[-1]:
+        vals, idx = jax.lax.top_k(logits_v, cap)
+        k = jnp.where((top_k > 0) & (top_k < cap), top_k, cap)
+        vals = jnp.where(jnp.arange(cap) < k, vals, -jnp.inf)
+        best, drawn = idx[0], idx[jax.random.categorical(key, vals / _positive(temp))]
+    else:
+        best = jnp.argmax(logits_v)
+        drawn = jax.random.categorical(key, logits_v / _positive(temp))
+    return jnp.where(temp > 0, drawn, best).astype(jnp.int32)
+
+
+def _positive(temp: float | jax.Array) -> float | jax.Array:
+    """`temp` where it is > 0 (1 elsewhere, where the draw is not used)."""
+    return temp if isinstance(temp, float | int) else jnp.where(temp > 0, temp, 1.0)
+
+
+class SlotSampling(NamedTuple):
+    """Each session's own sampling, [B] arrays: temperatures (<= 0: argmax) and top-k
+    (<= 0: the engine's SamplingConfig value, which also caps them)."""
+
+    temp_text: jax.Array
+    top_k_text: jax.Array
+    temp: jax.Array
+    top_k: jax.Array
+
+    @staticmethod
+    def full(s: SamplingConfig, batch: int | Any) -> SlotSampling:
+        """Every session at the engine's settings."""
+        f, i = (
+            partial(jnp.full, (batch,), dtype=jnp.float32),
+            partial(jnp.full, (batch,), dtype=jnp.int32),
+        )
+        return SlotSampling(f(s.temp_text), i(s.top_k_text), f(s.temp), i(s.top_k))
 
 
 def _sample_b(
-    keys_b: jax.Array, logits_bv: jax.Array, temp: float, top_k: int, greedy: bool
+    keys_b: jax.Array,
+    logits_bv: jax.Array,
+    temp: float | jax.Array,
+    top_k: int | jax.Array,
+    greedy: bool,
+    cap: int,
 ) -> jax.Array:
-    return jax.vmap(partial(sample, temp=temp, top_k=top_k, greedy=greedy))(keys_b, logits_bv)
+    if isinstance(temp, float | int):  # engine-wide settings: static
+        return jax.vmap(partial(sample, temp=temp, top_k=top_k, greedy=greedy, cap=cap))(
+            keys_b, logits_bv
+        )
+    fn = partial(sample, greedy=greedy, cap=cap)
+    return jax.vmap(lambda k, x, t, n: fn(k, x, t, n))(keys_b, logits_bv, temp, top_k)
 
 
 def _session_keys(key: jax.Array, batch: int) -> jax.Array:
@@ -85,24 +136,37 @@ def _session_keys(key: jax.Array, batch: int) -> jax.Array:
 
 
 def _sample_frame(
-    model: LM, sampling: SamplingConfig, keys: jax.Array, h_bd: jax.Array, text_logits: jax.Array
+    model: LM,
+    sampling: SamplingConfig,
+    keys: jax.Array,
+    h_bd: jax.Array,
+    text_logits: jax.Array,
+    slots: SlotSampling | None = None,
 ) -> jax.Array:
     """Text, then the dep_q codebooks through the depth transformer: tokens [B, 1 + dep_q]."""
     s, n = sampling, model.cfg.dep_q
-    text = _sample_b(keys[:, 0], text_logits, s.temp_text, s.top_k_text, s.greedy)
+    text_t, text_k, audio_t, audio_k = (
+        (s.temp_text, s.top_k_text, s.temp, s.top_k) if slots is None else slots
+    )
+    text = _sample_b(keys[:, 0], text_logits, text_t, text_k, s.greedy, s.top_k_text)
     dstate, prev, out = model.depth_init_state(h_bd.shape[0]), text, [text]
     for k in range(n):
         dstate, logits = model.depth_step(dstate, k, h_bd, prev)
-        prev = _sample_b(keys[:, 1 + k], logits, s.temp, s.top_k, s.greedy)
+        prev = _sample_b(keys[:, 1 + k], logits, audio_t, audio_k, s.greedy, s.top_k)
         out.append(prev)
     return jnp.stack(out, axis=1)
 
 
 def frame_step(
-    model: LM, sampling: SamplingConfig, state: GenState, user_bk: jax.Array
+    model: LM,
+    sampling: SamplingConfig,
+    state: GenState,
+    user_bk: jax.Array,
+    slots: SlotSampling | None = None,
 ) -> tuple[GenState, jax.Array, jax.Array]:
     """One frame for every session: (state, tokens [B, 1 + dep_q] of frame t - max_delay,
-    valid [B]); tokens are -2 where no frame is out yet."""
+    valid [B]); tokens are -2 where no frame is out yet. `slots` gives each session its own
+    temperatures and top-k (capped by `sampling`'s); None: `sampling` for all."""
     cfg = model.cfg
     b, n_gen, ring = user_bk.shape[0], 1 + cfg.dep_q, state.cache.shape[2]
     delays = jnp.asarray(cfg.delays, jnp.int32)
@@ -116,7 +180,7 @@ def frame_step(
     step_keys = jax.vmap(lambda k, t: jax.random.split(jax.random.fold_in(k, t), n_gen))(
         state.keys, off
     )
-    tokens = _sample_frame(model, sampling, step_keys, h, text_logits)
+    tokens = _sample_frame(model, sampling, step_keys, h, text_logits, slots)
     gen, nxt = jnp.arange(n_gen)[None], off + 1
     cache = cache.at[rows, gen, (nxt % ring)[:, None]].set(tokens)
     out = cache[rows, gen, (nxt[:, None] - cfg.max_delay + delays[None, :n_gen]) % ring]
@@ -240,4 +304,12 @@ def generate(
     return out[:, :, delay:]
 
 
-__all__ = ["GenState", "Generator", "SamplingConfig", "frame_step", "generate", "sample"]
+__all__ = [
+    "GenState",
+    "Generator",
+    "SamplingConfig",
+    "SlotSampling",
+    "frame_step",
+    "generate",
+    "sample",
+]
