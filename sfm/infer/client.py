@@ -4,8 +4,8 @@
     talk.write("out.wav")   # left: the model, right: the user; out.json: its text with times
 
 The user's audio goes out as Ogg/Opus in 80 ms pages, one message each in real time (as a
-person talks) or, with `fast`, up to 32 KiB of pages per message as fast as the connection
-takes them; the model's audio and text pieces are
+person talks) or, with `fast`, about 4 KiB of pages per message as fast as the server takes
+them (at most 4 s ahead of its replies); the model's audio and text pieces are
 recorded until its audio is as long as the user's. Text times are the model audio received
 before each piece.
 """
@@ -27,7 +27,8 @@ from sfm.infer.converse import Conversation
 
 AUDIO, TEXT, HANDSHAKE = 1, 2, 0
 PAGE = 1920  # samples per Opus page sent (80 ms at 24 kHz)
-FAST_MESSAGE_BYTES = 32 << 10  # with `fast`, pages are sent in messages of about this size
+FAST_MESSAGE_BYTES = 4 << 10  # with `fast`, pages are sent in messages of about this size
+FAST_AHEAD_S = 4.0  # with `fast`, how far the user's audio may run ahead of the model's
 
 
 class ChatError(SfmError):
@@ -81,12 +82,16 @@ async def chat(
         await _handshake(ws, url, timeout_s)
         writer, reader = sphn.OpusStreamWriter(sample_rate), sphn.OpusStreamReader(sample_rate)
 
+        received = 0  # samples of the model's audio so far
+
         async def send() -> None:
             start, batch = time.perf_counter(), b""
             for i in range(frames):
                 batch += writer.append_pcm(user[i * PAGE : (i + 1) * PAGE])
                 if fast and len(batch) < FAST_MESSAGE_BYTES and i + 1 < frames:
                     continue  # fast: pages go out together, so the server has them at once
+                while fast and (i + 1) * PAGE - received > FAST_AHEAD_S * sample_rate:
+                    await asyncio.sleep(0.01)  # within the server's buffer (serve.max_buffer_s)
                 if batch:
                     await ws.send_bytes(bytes([AUDIO]) + batch)
                     batch = b""
@@ -96,7 +101,7 @@ async def chat(
                     )
 
         async def receive() -> None:
-            received = 0
+            nonlocal received
             while received < len(user):
                 msg = await ws.receive()
                 if msg.type != aiohttp.WSMsgType.BINARY:
