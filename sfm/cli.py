@@ -253,6 +253,7 @@ def _serve(args: argparse.Namespace) -> None:
     """`sfm serve`: the Moshi-protocol WebSocket server over the engine."""
     import asyncio
     import logging
+    import signal
 
     from sfm.infer.converse import load_models
     from sfm.infer.engine import Engine
@@ -271,15 +272,19 @@ def _serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     async def run() -> None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # stop cleanly: sessions closed
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
         runner = await serve(server, cfg.serve)
         print(
             f"serving {cfg.serve.slots} slots on http://{cfg.serve.host}:{cfg.serve.port}",
             flush=True,
         )
         try:
-            await asyncio.Event().wait()
+            await stop.wait()
         finally:
             await runner.cleanup()
+        print("stopped", flush=True)
 
     asyncio.run(run())
 

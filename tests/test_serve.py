@@ -405,3 +405,50 @@ def test_a_page_of_another_origin_is_refused(running: Running) -> None:
 
     assert asyncio.run(handshake("http://evil.example")) == 403
     assert asyncio.run(handshake(f"http://127.0.0.1:{running.port}")) == 101
+
+
+def test_sfm_serve_command_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """The `sfm serve` command (random tiny weights) answers `sfm chat`, then stops cleanly
+    on SIGTERM; off loopback without a token it refuses to start, on one line."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import soundfile as sf
+
+    from sfm.cli import main
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "sfm", "serve", "--config", "tiny", "--slots", "1"]
+    server = subprocess.Popen(
+        [*cmd, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        assert _eventually(lambda: _healthy(port), 300), "the server did not become ready"
+        sf.write(tmp_path / "user.wav", _speech(1.0, 7), RATE, subtype="FLOAT")
+        url = f"ws://127.0.0.1:{port}/api/chat"
+        argv = ["chat", "--url", url, "--wav", str(tmp_path / "user.wav"), "--fast"]
+        assert main([*argv, "--out", str(tmp_path / "out.wav")]) == 0
+        assert sf.info(tmp_path / "out.wav").duration >= 1.0
+    finally:
+        server.send_signal(signal.SIGTERM)
+        out, _ = server.communicate(timeout=60)
+    assert server.returncode == 0 and "stopped" in out, out[-2000:]
+    refused = subprocess.run(
+        [*cmd, "--host", "0.0.0.0"], capture_output=True, text=True, timeout=300
+    )
+    assert refused.returncode == 2
+    assert "sfm: error: serve.host: 0.0.0.0 is not loopback" in refused.stderr
+
+
+def _healthy(port: int) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+            return resp.read() == b"ok"
+    except OSError:
+        return False

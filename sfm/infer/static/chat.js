@@ -118,6 +118,10 @@ const TAP = `class Tap extends AudioWorkletProcessor {
 registerProcessor("tap", Tap);`;
 
 async function connect() {
+  if (typeof AudioEncoder === "undefined" || typeof AudioDecoder === "undefined") {
+    show("this browser has no WebCodecs audio (use a recent Chromium, Edge or Firefox)");
+    return;
+  }
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const ws = new WebSocket(`${scheme}://${location.host}/api/chat${location.search}`);
   ws.binaryType = "arraybuffer";
@@ -139,7 +143,14 @@ async function connect() {
 
   ws.onmessage = async (event) => {
     const bytes = new Uint8Array(event.data);
-    if (bytes[0] === 0) await startMicrophone();
+    if (bytes[0] === 0) {
+      try {
+        await startMicrophone();
+      } catch (e) {
+        stop();
+        show(`microphone: ${e.message}`);
+      }
+    }
     else if (bytes[0] === 1) reader.push(bytes.subarray(1));
     else if (bytes[0] === 2) {
       $("transcript").textContent += new TextDecoder().decode(bytes.subarray(1));
@@ -159,6 +170,7 @@ async function startMicrophone() {
     audio: { channelCount: 1, echoCancellation: true, noiseSuppression: false },
   });
   s.tracks = stream.getTracks();
+  if (session !== s) { stop(s); return; } // hung up while the browser asked
   const ogg = new OggWriter();
   for (const page of ogg.headers()) s.ws.send(withKind(1, page));
   let granule = 0;
@@ -219,10 +231,11 @@ function withKind(kind, bytes) {
   return out;
 }
 
-function stop() {
-  const s = session;
+function stop(s = session) {
   if (!s) return;
-  session = null;
+  if (session === s) session = null;
+  if (s.stopped) { for (const t of s.tracks) t.stop(); return; }
+  s.stopped = true;
   for (const t of s.tracks) t.stop();
   if (s.encoder && s.encoder.state !== "closed") s.encoder.close();
   if (s.ws.readyState <= WebSocket.OPEN) s.ws.close();
