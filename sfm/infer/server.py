@@ -23,10 +23,10 @@ each session's replies go out through its own queue (see `sfm.infer.session`).
 
 A malformed message (text frame, empty, unknown kind, client text) is logged on one line,
 counted and dropped; after MAX_MALFORMED of them, or on undecodable Opus, an oversize
-message (aiohttp closes with 1009), silence for `serve.idle_timeout_s`, audio further ahead
-than `serve.max_buffer_s` or a full reply queue, the client is closed with a reason. A
-request from a web page of another origin is refused. A disconnect, clean or not, frees the
-slot.
+message (aiohttp closes with 1009), silence for `serve.idle_timeout_s` (counted once the
+audio it sent has been heard), audio further ahead than `serve.max_buffer_s` or a full reply
+queue, the client is closed with a reason. A request from a web page of another origin is
+refused. A disconnect, clean or not, frees the slot.
 """
 
 from __future__ import annotations
@@ -198,12 +198,15 @@ class Server:
 
     async def _receive(self, s: Session, peer: str | None) -> None:
         max_buffer = int(self.cfg.max_buffer_s * self.engine.sample_rate)
-        heard = time.monotonic()  # the idle clock runs from the last audio
+        heard = time.monotonic()  # the idle clock runs from the last audio heard
         while True:
             try:
                 wait = heard + self.cfg.idle_timeout_s - time.monotonic()
                 msg = await s.ws.receive(timeout=max(wait, 0.001))
             except TimeoutError:
+                if s.buffered >= self.engine.frame_size:  # its audio is still being heard
+                    heard = time.monotonic()
+                    continue
                 why = f"idle for {self.cfg.idle_timeout_s:g} s"
                 return await close(s.ws, WSCloseCode.POLICY_VIOLATION, why)
             if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
