@@ -39,6 +39,7 @@ from sfm.config import Config, load_config, resolve_preset  # noqa: E402
 from sfm.infer.engine import Engine  # noqa: E402
 from sfm.lm.generate import SamplingConfig  # noqa: E402
 from sfm.lm.model import LM  # noqa: E402
+from sfm.testing.audio import gliding_tone  # noqa: E402
 
 # Overrides that give each CPU config an exact moshi equivalent (tiny's depformer width 128
 # has none; 96 has).
@@ -60,13 +61,8 @@ HBM_BYTES_PER_S: dict[str, float] = {
 def speech_btf(batch: int, frames: int, frame_size: int, seed: int = 0) -> np.ndarray:
     """[B, T, frame] of gliding tones with noise, a different voice per slot."""
     rng = np.random.default_rng(seed)
-    t = np.arange(frames * frame_size) / 24000
-    out = []
-    for _ in range(batch):
-        f0 = rng.uniform(100, 300) * (1 + 0.2 * np.sin(2 * np.pi * rng.uniform(0.5, 2) * t))
-        x = 0.3 * np.sin(2 * np.pi * np.cumsum(f0) / 24000) + 0.02 * rng.standard_normal(t.size)
-        out.append(x.reshape(frames, frame_size))
-    return np.stack(out).astype(np.float32)
+    out = [gliding_tone(frames * frame_size, rng) for _ in range(batch)]
+    return np.stack(out).reshape(batch, frames, frame_size)
 
 
 def percentiles(ms: list[float] | np.ndarray) -> dict[str, float]:

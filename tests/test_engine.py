@@ -34,6 +34,7 @@ from sfm.io.params import save_params
 from sfm.io.tensors import CheckpointError
 from sfm.lm.generate import Generator, SamplingConfig
 from sfm.lm.model import LM
+from sfm.testing.audio import gliding_tone
 
 SLOTS = 3
 FRAMES = 12
@@ -53,11 +54,8 @@ def models() -> tuple[Mimi, LM]:
 
 def _speech(frames: int, frame_size: int, seed: int) -> np.ndarray:
     """[frames, frame_size] of a gliding tone with noise: audio that moves the codes."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(frames * frame_size) / 24000
-    f0 = rng.uniform(100, 300) * (1 + 0.2 * np.sin(2 * np.pi * rng.uniform(0.5, 2) * t))
-    wav = 0.3 * np.sin(2 * np.pi * np.cumsum(f0) / 24000) + 0.02 * rng.standard_normal(t.size)
-    return wav.astype(np.float32).reshape(frames, frame_size)
+    wav = gliding_tone(frames * frame_size, np.random.default_rng(seed))
+    return wav.reshape(frames, frame_size)
 
 
 def _run(engine: Engine, inputs: dict[int, np.ndarray], frames: int) -> list:

@@ -28,6 +28,7 @@ from sfm.infer.engine import Engine
 from sfm.infer.server import Server, serve
 from sfm.lm.generate import SamplingConfig
 from sfm.lm.model import LM
+from sfm.testing.audio import gliding_tone
 from sfm.testing.load import run_load
 
 SLOTS, TOKEN, RATE = 4, "s3cret", 24000
@@ -36,11 +37,7 @@ SAMPLING = SamplingConfig()
 
 def _speech(seconds: float, seed: int) -> np.ndarray:
     """A gliding tone with noise: audio that moves the codes."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * RATE)) / RATE
-    f0 = rng.uniform(100, 300) * (1 + 0.2 * np.sin(2 * np.pi * rng.uniform(0.5, 2) * t))
-    wav = 0.3 * np.sin(2 * np.pi * np.cumsum(f0) / RATE) + 0.02 * rng.standard_normal(t.size)
-    return wav.astype(np.float32)
+    return gliding_tone(int(seconds * RATE), np.random.default_rng(seed))
 
 
 class Running:

@@ -63,17 +63,18 @@ class SessionSampling:
     temp: float | None = None
     top_k: int | None = None
 
-    def resolve(self, engine: SamplingConfig) -> tuple[float, int, float, int]:
-        """(temp_text, top_k_text, temp, top_k) with the engine's values filled in; ValueError
-        naming the setting when one is out of range."""
-        out = []
-        for name in ("temp_text", "top_k_text", "temp", "top_k"):
-            value = getattr(self, name)
-            value = getattr(engine, name) if value is None else value
+    def resolve(self, engine: SamplingConfig) -> SamplingConfig:
+        """The engine's settings with this session's in place; ValueError naming the setting
+        when one is out of range."""
+        own = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is None:
+                continue
             if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name}: must be a finite number >= 0, got {value}")
-            out.append(int(value) if name.startswith("top_k") else float(value))
-        return out[0], out[1], out[2], out[3]
+                raise ValueError(f"{field.name}: must be a finite number >= 0, got {value}")
+            own[field.name] = int(value) if field.name.startswith("top_k") else float(value)
+        return dataclasses.replace(engine, **own)
 
 
 class EngineState(NamedTuple):
@@ -262,8 +263,7 @@ class Engine:
         if key is not None:
             keys = keys.at[slot].set(key)
         own = (sampling or SessionSampling()).resolve(self.sampling)
-        dtypes = (jnp.float32, jnp.int32, jnp.float32, jnp.int32)
-        values = SlotSampling(*(jnp.full((self.slots,), v, d) for v, d in zip(own, dtypes)))
+        values = SlotSampling.full(own, self.slots)  # only `slot`'s entries are used
         self._state = _reset(
             self._models, self._leaves, self._state, jnp.asarray(mask), keys, values
         )

@@ -116,12 +116,10 @@ def _sample_b(
     greedy: bool,
     cap: int,
 ) -> jax.Array:
-    if isinstance(temp, float | int):  # engine-wide settings: static
-        return jax.vmap(partial(sample, temp=temp, top_k=top_k, greedy=greedy, cap=cap))(
-            keys_b, logits_bv
-        )
     fn = partial(sample, greedy=greedy, cap=cap)
-    return jax.vmap(lambda k, x, t, n: fn(k, x, t, n))(keys_b, logits_bv, temp, top_k)
+    if isinstance(temp, float | int):  # engine-wide settings: static
+        return jax.vmap(lambda k, x: fn(k, x, temp, top_k))(keys_b, logits_bv)
+    return jax.vmap(fn)(keys_b, logits_bv, temp, top_k)
 
 
 def _session_keys(key: jax.Array, batch: int) -> jax.Array:

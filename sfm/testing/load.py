@@ -22,6 +22,8 @@ import aiohttp
 import numpy as np
 import sphn
 
+from sfm.testing.audio import gliding_tone
+
 RATE, PAGE = 24000, 1920
 
 
@@ -41,13 +43,6 @@ class LoadReport:
         return {"p50": float(p50), "p95": float(p95), "p99": float(p99)}
 
 
-def _speech(n: int, rng: np.random.Generator) -> np.ndarray:
-    t = np.arange(n) / RATE
-    f0 = rng.uniform(100, 300) * (1 + 0.2 * np.sin(2 * np.pi * rng.uniform(0.5, 2) * t))
-    wav = 0.3 * np.sin(2 * np.pi * np.cumsum(f0) / RATE) + 0.02 * rng.standard_normal(n)
-    return wav.astype(np.float32)
-
-
 async def _turn(
     http: aiohttp.ClientSession,
     url: str,
@@ -58,7 +53,7 @@ async def _turn(
     turn_s: tuple[float, float],
 ) -> None:
     pages = int(rng.uniform(*turn_s) * RATE / PAGE)
-    user = _speech(pages * PAGE, rng)
+    user = gliding_tone(pages * PAGE, rng)
     ws = await http.ws_connect(url)
     first = await ws.receive(timeout=30)
     if first.type != aiohttp.WSMsgType.BINARY:
