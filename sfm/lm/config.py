@@ -105,7 +105,9 @@ class LMConfig:
     loss: LossConfig = LossConfig()
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; norms and softmax stay float32
-    attention_impl: Literal["xla"] = "xla"  # sfm.nn.attention.attention's implementation
+    # "xla": the pure-JAX references; "pallas": the kernels of sfm.kernels (fused depth
+    # frame, grouped per-codebook matmuls, JAX's attention kernels); see sfm/kernels.
+    attention_impl: Literal["xla", "pallas"] = "xla"
 
     def __post_init__(self) -> None:
         check_delays(self.delays, self.n_q, "lm.delays")

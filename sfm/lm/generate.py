@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sfm.lm.fused_depth import fused_depth_tokens
 from sfm.lm.layout import IGNORE, INITIAL
 from sfm.lm.model import LM
 from sfm.nn.streaming import StaticModel
@@ -141,12 +142,19 @@ def _sample_frame(
     text_logits: jax.Array,
     slots: SlotSampling | None = None,
 ) -> jax.Array:
-    """Text, then the dep_q codebooks through the depth transformer: tokens [B, 1 + dep_q]."""
+    """Text, then the dep_q codebooks through the depth transformer: tokens [B, 1 + dep_q].
+    With lm.attention_impl "pallas" the depth transformer runs as one fused kernel that
+    samples its own tokens (`sfm.kernels.sampling`: the same distribution, other draws)."""
     s, n = sampling, model.cfg.dep_q
     text_t, text_k, audio_t, audio_k = (
         (s.temp_text, s.top_k_text, s.temp, s.top_k) if slots is None else slots
     )
     text = _sample_b(keys[:, 0], text_logits, text_t, text_k, s.greedy, s.top_k_text)
+    if model.cfg.attention_impl == "pallas":  # the whole depth frame in one fused kernel
+        audio = fused_depth_tokens(
+            model, keys[:, 1], h_bd, text, audio_t, audio_k, greedy=s.greedy, cap=s.top_k
+        )
+        return jnp.concatenate([text[:, None], audio], axis=1)
     dstate, prev, out = model.depth_init_state(h_bd.shape[0]), text, [text]
     for k in range(n):
         dstate, logits = model.depth_step(dstate, k, h_bd, prev)

@@ -1,0 +1,113 @@
+"""Token sampling written for the inside of a kernel: greedy, and temperature + top-k drawn
+with counter-based random bits, in plain jnp ops on a [rows, V] block of logits.
+
+A kernel cannot call `jax.random` (nor sort, nor `lax.top_k`), so the draw is built from
+what every backend lowers: integer hashing, lane reductions and a bisection.
+
+- Random bits: a 32-bit integer hash (two rounds of Wellons' "lowbias32") of the row's seed
+  pair, the position of the step and the lane. The same (seed, position) gives the same
+  draw in the kernel and in its reference, so their sampled tokens can be compared exactly.
+- Top-k: the k-th largest logit of each row is found by bisection on the value (32 halvings
+  of the row's range: each keeps the threshold's count >= k); logits below it are dropped.
+  Rows with tied logits at the threshold keep every tie (`lax.top_k` would keep the first
+  ones by index); with real-valued logits ties have probability zero.
+- Temperature: the Gumbel-max draw argmax(logits / temp + g), g = -log(-log(u)), is a
+  sample of softmax(logits / temp) over the kept logits. temp <= 0 is argmax.
+
+Argmax itself is max + the smallest lane holding it (the first maximum, as `jnp.argmax`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_MUL1 = 0x7FEB352D
+_MUL2 = 0x846CA68B - (1 << 32)  # the multiplier as int32 (the product wraps the same way)
+_BISECTIONS = 32
+
+
+def _lowbias32(x: jax.Array) -> jax.Array:
+    """Wellons' lowbias32 integer hash on int32 bit patterns (logical shifts, wrapping
+    multiplies): a bijection of 32-bit words with good avalanche."""
+    x = x ^ jax.lax.shift_right_logical(x, jnp.int32(16))
+    x = x * jnp.int32(_MUL1)
+    x = x ^ jax.lax.shift_right_logical(x, jnp.int32(15))
+    x = x * jnp.int32(_MUL2)
+    return x ^ jax.lax.shift_right_logical(x, jnp.int32(16))
+
+
+def uniform(seed_a: jax.Array, seed_b: jax.Array, position: jax.Array, width: int) -> jax.Array:
+    """[rows, width] uniforms in (0, 1) for seeds [rows, 1] (int32) at step `position`."""
+    row = _lowbias32(seed_a ^ _lowbias32(seed_b + jnp.int32(0x9E3779B9 - (1 << 32)) * position))
+    lane = jax.lax.broadcasted_iota(jnp.int32, (seed_a.shape[0], width), 1)
+    bits = _lowbias32(_lowbias32(lane ^ row) + row)
+    mantissa = jax.lax.shift_right_logical(bits, jnp.int32(8)).astype(jnp.float32)
+    return (mantissa + 0.5) * (1.0 / (1 << 24))
+
+
+def argmax(x_rv: jax.Array) -> jax.Array:
+    """[rows, 1] int32: the first lane holding each row's maximum (lane numbers are reduced
+    as float32, exact below 2^24: kernels reduce floats on every backend)."""
+    best = jnp.max(x_rv, axis=-1, keepdims=True)
+    lane = jax.lax.broadcasted_iota(jnp.int32, x_rv.shape, 1).astype(jnp.float32)
+    first = jnp.min(jnp.where(x_rv == best, lane, float(x_rv.shape[-1])), axis=-1, keepdims=True)
+    return jnp.minimum(first, float(x_rv.shape[-1] - 1)).astype(jnp.int32)  # NaN rows: last
+
+
+def top_k_threshold(logits_rv: jax.Array, k_r1: jax.Array) -> jax.Array:
+    """[rows, 1]: the largest value t with at least k logits >= t (the k-th largest logit,
+    to within the last halving of the row's range)."""
+    lo = jnp.min(logits_rv, axis=-1, keepdims=True)
+    hi = jnp.max(logits_rv, axis=-1, keepdims=True)
+
+    def halve(_: int, bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        lo, hi = bounds
+        mid = lo + (hi - lo) * 0.5
+        count = jnp.sum((logits_rv >= mid).astype(jnp.float32), axis=-1, keepdims=True)
+        enough = count >= k_r1.astype(jnp.float32)
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, _BISECTIONS, halve, (lo, hi))
+    return lo
+
+
+def sample_rows(
+    logits_rv: jax.Array,
+    seeds_r2: jax.Array,
+    position: jax.Array | int,
+    temp_r1: jax.Array,
+    top_k_r1: jax.Array,
+    *,
+    greedy: bool,
+) -> jax.Array:
+    """One token per row [rows, 1] int32 from logits [rows, V] (float32).
+
+    seeds [rows, 2] int32 (a row's random stream; `position` picks the draw within it);
+    temp [rows, 1] (<= 0: argmax); top_k [rows, 1] int32 in [1, V] (V: no truncation)."""
+    if greedy:
+        return argmax(logits_rv)
+    width = logits_rv.shape[-1]
+    keep = logits_rv >= top_k_threshold(logits_rv, top_k_r1)
+    u = uniform(seeds_r2[:, 0:1], seeds_r2[:, 1:2], jnp.int32(position), width)
+    gumbel = -jnp.log(-jnp.log(u))
+    scaled = logits_rv / jnp.where(temp_r1 > 0, temp_r1, 1.0) + gumbel
+    drawn = argmax(jnp.where(keep, scaled, -jnp.inf))
+    return jnp.where(temp_r1 > 0, drawn, argmax(logits_rv))
+
+
+def effective_top_k(top_k_b: jax.Array, cap: int, vocab: int) -> jax.Array:
+    """[B, 1] int32 in [1, vocab]: a session's top-k where 0 < top_k < cap, else `cap`
+    (0, or >= vocab: the whole vocabulary), as `sfm.lm.generate.sample` reads them."""
+    full = vocab if cap <= 0 or cap >= vocab else cap
+    k = jnp.asarray(top_k_b, jnp.int32).reshape(-1, 1)
+    return jnp.where((k > 0) & (k < full), k, full)
+
+
+def seeds_of(keys_b: jax.Array) -> jax.Array:
+    """[B, 2] int32 seeds from typed PRNG keys [B] (their first two key words)."""
+    data = jax.random.key_data(keys_b).reshape(keys_b.shape[0], -1)
+    return jax.lax.bitcast_convert_type(data[:, :2], jnp.int32)
+
+
+__all__ = ["argmax", "effective_top_k", "sample_rows", "seeds_of", "top_k_threshold", "uniform"]
