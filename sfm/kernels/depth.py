@@ -190,8 +190,9 @@ def reference(
             logits = _dense(h_bd, w.head0[0], dtype)
         else:
             logits = _dense(x, w.heads[w.head_of(j)], dtype)
-        prev = sample_rows(logits.astype(dtype).astype(jnp.float32), seeds_b2, j, temp_b1,
-                           top_k_b1, greedy=greedy)
+        prev = sample_rows(
+            logits.astype(dtype).astype(jnp.float32), seeds_b2, j, temp_b1, top_k_b1, greedy=greedy
+        )
         tokens.append(prev)
     return jnp.concatenate(tokens, axis=1)
 

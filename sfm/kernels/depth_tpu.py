@@ -40,7 +40,9 @@ _MIB = 1 << 20
 def _dense(x: jax.Array, w_oi: jax.Array, dtype: Any) -> jax.Array:
     """x [B, in] @ w.T, operands in `dtype`, float32 result."""
     return jax.lax.dot_general(
-        x.astype(dtype), w_oi.astype(dtype), (((1,), (1,)), ((), ())),
+        x.astype(dtype),
+        w_oi.astype(dtype),
+        (((1,), (1,)), ((), ())),
         preferred_element_type=jnp.float32,
     )
 
@@ -121,7 +123,9 @@ def _kernel(*refs: Any, w: DepthWeights, dtype: Any, greedy: bool, widen: bool) 
         probs = jnp.exp(scores - jnp.max(scores, axis=0, keepdims=True))
         probs = (probs / jnp.sum(probs, axis=0, keepdims=True)).astype(dtype)
         spread = jax.lax.dot_general(
-            probs.astype(jnp.float32).reshape(p * bt, h), hsum, (((1,), (1,)), ((), ())),
+            probs.astype(jnp.float32).reshape(p * bt, h),
+            hsum,
+            (((1,), (1,)), ((), ())),
             preferred_element_type=jnp.float32,
         ).reshape(p, bt, dq)
         values = v_sc[layer].astype(jnp.float32)
@@ -139,9 +143,7 @@ def _kernel(*refs: Any, w: DepthWeights, dtype: Any, greedy: bool, widen: bool) 
 
     def emit(logits: jax.Array) -> None:
         logits = logits.astype(dtype).astype(jnp.float32)
-        token = sample_rows(
-            logits, seeds_ref[...], j, temp_ref[...], topk_ref[...], greedy=greedy
-        )
+        token = sample_rows(logits, seeds_ref[...], j, temp_ref[...], topk_ref[...], greedy=greedy)
         prev_sc[...] = token
         out_ref[j] = token
 
@@ -205,34 +207,36 @@ def _specs(w: DepthWeights, bt: int, bf: int, widen: bool, single: bool) -> list
         return j if moshi else jnp.maximum(j - 1, 0)
 
     def rows(width: int) -> pl.BlockSpec:
-        return pl.BlockSpec((bt, width), lambda b, j, l, c: (b, 0))
+        return pl.BlockSpec((bt, width), lambda b, j, layer, c: (b, 0))
 
     def per_layer(a: jax.Array) -> pl.BlockSpec:
-        return pl.BlockSpec((None, None, *a.shape[2:]), lambda b, j, l, c: (l, step(j), 0, 0))
+        return pl.BlockSpec(
+            (None, None, *a.shape[2:]), lambda b, j, layer, c: (layer, step(j), 0, 0)
+        )
 
     def once(shape: tuple[int, ...]) -> pl.BlockSpec:  # the same block all along
-        return pl.BlockSpec(shape, lambda b, j, l, c: (0,) * len(shape), **mode)
+        return pl.BlockSpec(shape, lambda b, j, layer, c: (0,) * len(shape), **mode)
 
     d = w.dim
     specs = [
         rows(w.w_in.shape[-1]), rows(d), rows(2), rows(1), rows(1),
-        pl.BlockSpec((None, *w.w_in.shape[1:]), lambda b, j, l, c: (step(j), 0, 0), **mode),
+        pl.BlockSpec((None, *w.w_in.shape[1:]), lambda b, j, layer, c: (step(j), 0, 0), **mode),
         pl.BlockSpec(
-            (None, *w.emb.shape[1:]), lambda b, j, l, c: (jnp.maximum(j - 1, 0), 0, 0), **mode
+            (None, *w.emb.shape[1:]), lambda b, j, layer, c: (jnp.maximum(j - 1, 0), 0, 0), **mode
         ),
-        pl.BlockSpec((None, 1, d), lambda b, j, l, c: (l, 0, 0)),
+        pl.BlockSpec((None, 1, d), lambda b, j, layer, c: (layer, 0, 0)),
         per_layer(w.wqkv), per_layer(w.wo),
-        pl.BlockSpec((None, 1, d), lambda b, j, l, c: (l, 0, 0)),
-        pl.BlockSpec((None, None, bf, d), lambda b, j, l, c: (l, step(j), c, 0)),
-        pl.BlockSpec((None, None, bf, d), lambda b, j, l, c: (l, step(j), chunks + c, 0)),
-        pl.BlockSpec((None, None, d, bf), lambda b, j, l, c: (l, step(j), 0, c)),
-        pl.BlockSpec((None, *w.heads.shape[1:]), lambda b, j, l, c: (head(j), 0, 0), **mode),
+        pl.BlockSpec((None, 1, d), lambda b, j, layer, c: (layer, 0, 0)),
+        pl.BlockSpec((None, None, bf, d), lambda b, j, layer, c: (layer, step(j), c, 0)),
+        pl.BlockSpec((None, None, bf, d), lambda b, j, layer, c: (layer, step(j), chunks + c, 0)),
+        pl.BlockSpec((None, None, d, bf), lambda b, j, layer, c: (layer, step(j), 0, c)),
+        pl.BlockSpec((None, *w.heads.shape[1:]), lambda b, j, layer, c: (head(j), 0, 0), **mode),
     ]  # fmt: skip
     if not moshi:
         assert w.head0 is not None
         specs.append(once((None, *w.head0.shape[1:])))
     dq = w.num_heads * w.head_dim
-    table = pl.BlockSpec((None, 1, dq), lambda b, j, l, c: (j, 0, 0))
+    table = pl.BlockSpec((None, 1, dq), lambda b, j, layer, c: (j, 0, 0))
     specs += [table, table, once((dq, w.num_heads))]
     if widen:
         specs.append(once((w.kv_heads * w.head_dim, dq)))
@@ -361,14 +365,12 @@ def depth_frame_kernel(
         interpret = jax.default_backend() != "tpu"
     if interpret is True:
         interpret = pltpu.InterpretParams()
-    kernel = functools.partial(
-        _kernel, w=w, dtype=dtype, greedy=greedy, widen=widen is not None
-    )
+    kernel = functools.partial(_kernel, w=w, dtype=dtype, greedy=greedy, widen=widen is not None)
     tokens = pl.pallas_call(
         kernel,
         grid=(padded // bt, p, w.layers, w.hidden // bf),
         in_specs=_specs(w, bt, bf, widen is not None, single),
-        out_specs=pl.BlockSpec((p, bt, 1), lambda b, j, l, c: (0, b, 0)),
+        out_specs=pl.BlockSpec((p, bt, 1), lambda b, j, layer, c: (0, b, 0)),
         out_shape=jax.ShapeDtypeStruct((p, padded, 1), jnp.int32),
         scratch_shapes=[
             pltpu.VMEM((bt, w.dim), dtype),  # the residual stream

@@ -39,15 +39,15 @@ def depth_weights(model: LM) -> DepthWeights:
     stack = depth.transformer
 
     def norm(name: str) -> jax.Array:
-        return _stacked(stack, lambda l: getattr(l, name).alpha[...])[:, None]
+        return _stacked(stack, lambda layer: getattr(layer, name).alpha[...])[:, None]
 
     common = dict(
         norm1=norm("norm1"),
-        wqkv=_stacked(stack, lambda l: _kernel(l.self_attn.in_proj)),
-        wo=_stacked(stack, lambda l: _kernel(l.self_attn.out_proj)),
+        wqkv=_stacked(stack, lambda layer: _kernel(layer.self_attn.in_proj)),
+        wo=_stacked(stack, lambda layer: _kernel(layer.self_attn.out_proj)),
         norm2=norm("norm2"),
-        w1=_stacked(stack, lambda l: _kernel(l.gating.linear_in)),
-        w2=_stacked(stack, lambda l: _kernel(l.gating.linear_out)),
+        w1=_stacked(stack, lambda layer: _kernel(layer.gating.linear_in)),
+        w2=_stacked(stack, lambda layer: _kernel(layer.gating.linear_out)),
         num_heads=cfg.num_heads,
         kv_heads=cfg.kv_heads,
         norm_eps=cfg.norm_eps,

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sfm.kernels.grouped_matmul import grouped_matmul
 from sfm.lm.layout import IGNORE, INITIAL
 from sfm.nn.attention import Impl, attention, cached_attention, causal_mask, heads_first, init_cache
 from sfm.nn.init import logical, normal, uniform
@@ -59,9 +60,10 @@ class StepLinear(nnx.Module):
         n_weights: int = 1,
         axes: tuple[str, str] = ("embed", "mlp"),
         param_dtype: str = "float32",
+        impl: Impl = "xla",
         rngs: nnx.Rngs,
     ) -> None:
-        self.n_weights = n_weights
+        self.n_weights, self.impl = n_weights, impl
         bound = in_features**-0.5
         kernel = uniform(rngs, (n_weights, out_features, in_features), bound, param_dtype)
         self.kernel = nnx.Param(kernel, **logical(("steps", axes[1], axes[0])))
@@ -88,7 +90,8 @@ class StepLinear(nnx.Module):
         if self.n_weights == 1 or steps is None:
             y = jnp.einsum("...i,oi->...o", x_bti, w[0])
         else:
-            y = _step_matmul(x_bti, self._sets(w, steps, x_bti, time_major), time_major)
+            sets = self._sets(w, steps, x_bti, time_major)
+            y = _step_matmul(x_bti, sets, time_major, self.impl)
         return y if self.lora_a is None else y + self._lora(x_bti, steps, time_major)
 
     @staticmethod
@@ -104,23 +107,30 @@ class StepLinear(nnx.Module):
             h = jnp.einsum("...i,ri->...r", x_bti, a[0])
             y = jnp.einsum("...r,or->...o", h, b[0])
         else:
-            h = _step_matmul(x_bti, self._sets(a, steps, x_bti, time_major), time_major)
-            y = _step_matmul(h, self._sets(b, steps, x_bti, time_major), time_major)
+            h = _step_matmul(x_bti, self._sets(a, steps, x_bti, time_major), time_major, self.impl)
+            y = _step_matmul(h, self._sets(b, steps, x_bti, time_major), time_major, self.impl)
         return (self.lora_scaling * y).astype(x_bti.dtype)
 
 
-def _step_matmul(x_bti: jax.Array, w_toi: jax.Array, time_major: bool = False) -> jax.Array:
+def _step_matmul(
+    x_bti: jax.Array, w_toi: jax.Array, time_major: bool = False, impl: Impl = "xla"
+) -> jax.Array:
     """y[..., t, :] = x[..., t, :] @ w[t].T: [..., T, in] x [T, out, in] -> [..., T, out]
     (with `time_major`: [T, ..., in] -> [T, ..., out]).
 
     With T > 1 the product runs step-major ([T, ..., in], T the dot's leading batch axis): the
     forward and backward dots XLA emits that way are faster than with T in second-to-last
-    place. One position (a streaming step) keeps the plain form."""
+    place. One position (a streaming step) keeps the plain form. impl "pallas" runs the
+    step-major product as a grouped matmul kernel (sfm.kernels.grouped_matmul)."""
     if time_major:
-        return jnp.einsum("t...i,toi->t...o", x_bti, w_toi)
+        if impl == "xla":
+            return jnp.einsum("t...i,toi->t...o", x_bti, w_toi)
+        rows = x_bti.reshape(x_bti.shape[0], -1, x_bti.shape[-1])
+        y = grouped_matmul(rows, w_toi, impl=impl)
+        return y.reshape(*x_bti.shape[:-1], y.shape[-1])
     if x_bti.shape[-2] == 1:
         return jnp.einsum("...ti,toi->...to", x_bti, w_toi)
-    return jnp.moveaxis(_step_matmul(jnp.moveaxis(x_bti, -2, 0), w_toi, True), 0, -2)
+    return jnp.moveaxis(_step_matmul(jnp.moveaxis(x_bti, -2, 0), w_toi, True, impl), 0, -2)
 
 
 def _per_step(w: jax.Array, steps: tuple[int, ...], t: int) -> jax.Array:
@@ -151,7 +161,9 @@ class Attention(nnx.Module):
     ) -> None:
         self.num_heads, self.kv_heads, self.head_dim = num_heads, kv_heads, dim // num_heads
         self.context, self.max_period, self.impl = context, max_period, impl
-        kw: dict[str, Any] = dict(n_weights=n_weights, param_dtype=param_dtype, rngs=rngs)
+        kw: dict[str, Any] = dict(
+            n_weights=n_weights, param_dtype=param_dtype, impl=impl, rngs=rngs
+        )
         qkv = (num_heads + 2 * kv_heads) * self.head_dim
         self.in_proj = StepLinear(dim, qkv, axes=("embed", "qkv"), **kw)
         self.out_proj = StepLinear(dim, dim, axes=("qkv", "embed"), **kw)
@@ -214,10 +226,12 @@ class Layer(nnx.Module):
         impl: Impl = "xla",
         rngs: nnx.Rngs,
     ) -> None:
-        kw: dict[str, Any] = dict(n_weights=n_weights, param_dtype=param_dtype, rngs=rngs)
+        kw: dict[str, Any] = dict(
+            n_weights=n_weights, param_dtype=param_dtype, impl=impl, rngs=rngs
+        )
         self.norm1 = RMSNorm(dim, eps=norm_eps, param_dtype=param_dtype)
         self.self_attn = Attention(
-            dim, num_heads, kv_heads, context=context, max_period=max_period, impl=impl, **kw
+            dim, num_heads, kv_heads, context=context, max_period=max_period, **kw
         )
         self.norm2 = RMSNorm(dim, eps=norm_eps, param_dtype=param_dtype)
         self.gating = GatedMlp(

@@ -2,8 +2,9 @@
 
 `attention` is softmax attention with float32 logits and grouped keys (H query heads share
 G kv heads); visibility comes from positions (`causal_mask`: filled, not in the future,
-within the context window). `impl` picks the implementation: "xla" (plain jnp, every backend)
-today; a Pallas kernel plugs in under its own name.
+within the context window). `impl` picks the implementation: "xla" (plain jnp, every backend);
+"pallas" the kernels of sfm.kernels where one exists for the call (today the LM's depth
+frame and grouped per-step matmuls; this attention itself stays the jnp one).
 
 The cache is a ring of `capacity` keys and values per sequence, head-major [B, G, C, D] so it
 feeds the attention products without a transpose; `pos` holds each slot's position (-1:
@@ -27,8 +28,8 @@ from sfm.nn.linear import Linear
 from sfm.nn.rope import apply_rope
 
 State = dict[str, Any]
-Impl = Literal["xla"]
-IMPLS: tuple[str, ...] = ("xla",)
+Impl = Literal["xla", "pallas"]
+IMPLS: tuple[str, ...] = ("xla", "pallas")
 
 
 def causal_mask(pos_bq: jax.Array, pos_bk: jax.Array, context: int | None) -> jax.Array:
@@ -50,7 +51,7 @@ def attention(
 
     q [B, Tq, H, D]; k, v [B, G, Tk, D] with G dividing H (query head h reads kv head
     h // (H / G)); logits and softmax in float32."""
-    if impl != "xla":
+    if impl not in IMPLS:
         raise ValueError(f"attention impl {impl!r}: expected one of {', '.join(IMPLS)}")
     b, q, h, d = q_bqhd.shape
     g = k_bgkd.shape[1]

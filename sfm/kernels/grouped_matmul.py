@@ -1,0 +1,80 @@
+"""Per-codebook projections of training as a grouped matmul: y[k] = x[k] @ w[k].T.
+
+x [K, N, in] (step-major rows: N = batch x frames), w [K, out, in] (the LM's StepLinear
+kernels) -> y [K, N, out]. The reference is one batched `einsum`. The kernel is JAX's own
+megablox grouped matmul (`jax.experimental.pallas.ops.tpu.megablox.gmm`, Mosaic TPU, with
+its custom VJP: the input gradient is another grouped matmul, the weight gradient a
+transposed one), fed the K groups of N rows as one [K * N, in] operand. Off a TPU the
+kernel runs in the Pallas interpreter (tests); on GPU the equal-group case is XLA's
+`jax.lax.ragged_dot`.
+
+Compared before writing our own: megablox fits the shapes exactly (equal groups are the
+simple case of ragged ones) and carries forward and backward kernels; tokamax's ragged dot
+wraps the same kernels behind a heavier dependency set (pydantic, qwix, a pinned typeguard).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Impl = Literal["xla", "pallas"]
+_ROW_TILES = (512, 256, 128, 64, 32, 16, 8)
+
+
+def reference(x_kni: jax.Array, w_koi: jax.Array) -> jax.Array:
+    """[K, N, in] x [K, out, in] -> [K, N, out] in x's dtype."""
+    return jnp.einsum("kni,koi->kno", x_kni, w_koi.astype(x_kni.dtype))
+
+
+def tiling(rows: int, in_features: int, out_features: int) -> tuple[int, int, int]:
+    """megablox (tm, tk, tn): the largest row tile dividing `rows` (a multiple of 8, which
+    `grouped_matmul` pads to), 128-wide tiles of in and out (ragged edges are masked)."""
+    tm = next(t for t in _ROW_TILES if rows % t == 0)
+    return tm, min(512, _round_up(in_features, 128)), min(512, _round_up(out_features, 128))
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def grouped_matmul(
+    x_kni: jax.Array, w_koi: jax.Array, *, impl: Impl = "xla", interpret: bool | None = None
+) -> jax.Array:
+    """y[k] = x[k] @ w[k].T, [K, N, out] in x's dtype (float32 accumulation); `impl` "xla"
+    is `reference`, "pallas" the grouped kernel (`interpret`: None interprets off a TPU)."""
+    if impl == "xla":
+        return reference(x_kni, w_koi)
+    if impl != "pallas":
+        raise ValueError(f"grouped matmul impl {impl!r}: expected xla or pallas")
+    k, n, i = x_kni.shape
+    w = w_koi.astype(x_kni.dtype)
+    backend = jax.default_backend()
+    if backend == "gpu" and not interpret:
+        sizes = jnp.full((k,), n, jnp.int32)
+        y = jax.lax.ragged_dot(x_kni.reshape(k * n, i), jnp.swapaxes(w, 1, 2), sizes)
+        return y.reshape(k, n, -1)
+    from jax.experimental.pallas.ops.tpu.megablox import gmm
+
+    rows = _round_up(k * n, 8)
+    lhs = x_kni.reshape(k * n, i)
+    if rows != k * n:  # zero rows in the last group: they add nothing to any gradient
+        lhs = jnp.pad(lhs, ((0, rows - k * n), (0, 0)))
+    sizes = jnp.full((k,), n, jnp.int32).at[-1].add(rows - k * n)
+    y = gmm(
+        lhs,
+        w,
+        sizes,
+        x_kni.dtype,
+        tiling(rows, i, w.shape[1]),
+        None,
+        None,
+        True,  # transpose_rhs: w is [K, out, in]
+        backend != "tpu" if interpret is None else interpret,
+    )
+    return y[: k * n].reshape(k, n, -1)
+
+
+__all__ = ["Impl", "grouped_matmul", "reference", "tiling"]

@@ -1,0 +1,267 @@
+"""Pallas kernels against their references: the fused depth frame (TPU semantics in the
+interpreter, race detection on), its sampler against the softmax it samples, the grouped
+matmul forward and backward, generation and the engine through the kernels, and Mosaic
+compiles of the kernels for real TPU chips (libtpu, no TPU needed).
+
+Tolerances: the depth frame's tokens are compared exactly (f32 and bf16: the kernel and
+the reference round at the same points, so no logit moves past a neighbour); the grouped
+matmul at rtol 1e-5 (f32) and 1e-2 (bf16, its 8-bit mantissa), gradients included."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.experimental.pallas import tpu as pltpu
+
+from sfm.codec.model import Mimi
+from sfm.config import load_config, resolve_preset
+from sfm.infer.engine import Engine
+from sfm.kernels.depth import DepthWeights, depth_frame, reference
+from sfm.kernels.depth_tpu import block_rows, hidden_block, vmem_bytes
+from sfm.kernels.grouped_matmul import grouped_matmul
+from sfm.kernels.grouped_matmul import reference as gmm_reference
+from sfm.kernels.sampling import effective_top_k, sample_rows, top_k_threshold
+from sfm.lm.config import DepthConfig, LMConfig, TemporalConfig, moshi_delays
+from sfm.lm.fused_depth import depth_weights
+from sfm.lm.generate import Generator, SamplingConfig
+from sfm.lm.model import LM
+from sfm.testing.audio import gliding_tone
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "depth_kernels.py"
+RACES = pltpu.InterpretParams(detect_races=True)
+TEMPORAL = TemporalConfig(dim=64, num_heads=4, num_layers=2, dim_feedforward=96, context=16)
+DEPTHS = {
+    # hidden 256 = two 128-wide MLP chunks with block_f=128
+    "moshi": DepthConfig(dim=32, num_heads=2, num_layers=2, dim_feedforward=384),
+    "csm": DepthConfig(
+        kind="csm", max_period=10000.0, dim=32, num_heads=4, num_kv_heads=2, num_layers=2,
+        dim_feedforward=384,
+    ),
+}  # fmt: skip
+
+
+def _lm(kind: str, dep_q: int, impl: str = "xla", scan_layers: bool = True) -> LM:
+    cfg = LMConfig(
+        text_card=50, card=32, n_q=dep_q, dep_q=dep_q, delays=moshi_delays(dep_q),
+        temporal=TEMPORAL, depth=DEPTHS[kind], attention_impl=impl,  # type: ignore[arg-type]
+    ).with_scan_layers(scan_layers)  # fmt: skip
+    return LM(cfg, rngs=nnx.Rngs(0))
+
+
+def _frame_inputs(lm: LM, batch: int, dtype: jnp.dtype) -> tuple[jax.Array, ...]:
+    h = jax.random.normal(jax.random.key(1), (batch, lm.cfg.temporal.dim)).astype(dtype)
+    text = jnp.arange(batch) % lm.cfg.text_card
+    first = (
+        jnp.zeros((batch, lm.cfg.depth.dim), dtype)
+        if lm.cfg.depth.kind == "csm"
+        else lm.depth.text_emb(text, dtype)
+    )
+    seeds = jax.random.randint(jax.random.key(2), (batch, 2), -(2**31), 2**31 - 1, jnp.int32)
+    temp = jnp.linspace(-0.5, 1.5, batch).reshape(batch, 1)  # some rows argmax
+    top_k = effective_top_k(jnp.arange(batch) % 7, 5, lm.cfg.card)
+    return h, first, seeds, temp, top_k
+
+
+def _cast(w: DepthWeights, dtype: jnp.dtype) -> DepthWeights:
+    return jax.tree.map(lambda a: a.astype(dtype), w)
+
+
+# --------------------------------------------------------------------------- sampler
+
+
+def test_sampler_draws_the_truncated_softmax() -> None:
+    """4096 draws of one row (one seed each): frequencies within 4.5 sigma of
+    softmax(top-5 logits / 0.7), nothing outside the top 5; temp 0 is argmax."""
+    vocab, rows, k, temp = 16, 4096, 5, 0.7
+    logits = jax.random.normal(jax.random.key(0), (vocab,)) * 2
+    block = jnp.broadcast_to(logits, (rows, vocab))
+    seeds = jnp.stack([jnp.arange(rows, dtype=jnp.int32), jnp.full((rows,), 7, jnp.int32)], 1)
+    tokens = sample_rows(
+        block, seeds, 3, jnp.full((rows, 1), temp), jnp.full((rows, 1), k), greedy=False
+    )
+    counts = np.bincount(np.asarray(tokens[:, 0]), minlength=vocab) / rows
+    top = np.argsort(-np.asarray(logits))[:k]
+    want = np.zeros(vocab)
+    want[top] = np.asarray(jax.nn.softmax(logits[top] / temp))
+    sigma = np.sqrt(want * (1 - want) / rows) + 1e-9
+    assert np.all(np.abs(counts - want) <= 4.5 * sigma + 1e-12), (counts, want)
+    argmax = sample_rows(block[:2], seeds[:2], 3, jnp.zeros((2, 1)), jnp.full((2, 1), k),
+                         greedy=False)  # fmt: skip
+    assert np.all(np.asarray(argmax) == int(jnp.argmax(logits)))
+
+
+def test_top_k_threshold_keeps_exactly_the_k_largest() -> None:
+    logits = jax.random.normal(jax.random.key(3), (64, 300))
+    k = jnp.arange(1, 65).reshape(64, 1)
+    kept = logits >= top_k_threshold(logits, k)
+    best = jax.vmap(lambda row, n: row >= jnp.sort(row)[::-1][n - 1])(logits, k[:, 0])
+    np.testing.assert_array_equal(np.asarray(kept), np.asarray(best))
+
+
+# --------------------------------------------------------------------------- depth frame
+
+CASES = [
+    # kind, positions, batch, dtype, block_b, block_f
+    ("moshi", 5, 5, "float32", None, 128),  # odd K, odd batch, two MLP chunks
+    ("csm", 5, 9, "float32", 8, None),  # grouped heads + RoPE, a batch tile boundary
+    ("moshi", 3, 3, "bfloat16", None, None),
+    ("csm", 4, 17, "bfloat16", 16, 128),
+]
+
+
+@pytest.mark.parametrize(("kind", "positions", "batch", "dtype", "block_b", "block_f"), CASES)
+def test_depth_kernel_equals_reference(
+    kind: str, positions: int, batch: int, dtype: str, block_b: int | None, block_f: int | None
+) -> None:
+    lm = _lm(kind, positions)
+    w = _cast(depth_weights(lm), jnp.dtype(dtype))
+    args = _frame_inputs(lm, batch, jnp.dtype(dtype))
+    for greedy in (True, False):
+        want = reference(w, *args, greedy=greedy)
+        got = depth_frame(
+            w, *args, greedy=greedy, impl="pallas", interpret=RACES, block_b=block_b,
+            block_f=block_f,
+        )  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert len(np.unique(np.asarray(want))) > 3  # the draws move
+
+
+@pytest.mark.parametrize("kind", ["moshi", "csm", "moshi_per_layer"])
+def test_greedy_depth_reference_equals_the_model(kind: str) -> None:
+    """The packed weights and the reference are the LM's depth transformer: greedy tokens
+    equal `LM.depth_step` + argmax, both layer layouts."""
+    lm = _lm(kind.removesuffix("_per_layer"), 4, scan_layers=not kind.endswith("per_layer"))
+    h, first, seeds, temp, top_k = _frame_inputs(lm, 6, jnp.float32)
+    text = jnp.arange(6) % lm.cfg.text_card
+    state, prev, out = lm.depth_init_state(6), text, []
+    for k in range(lm.cfg.dep_q):
+        state, logits = lm.depth_step(state, k, h, prev)
+        prev = jnp.argmax(logits, -1).astype(jnp.int32)
+        out.append(prev)
+    tokens = reference(depth_weights(lm), h, first, seeds, temp, top_k, greedy=True)
+    np.testing.assert_array_equal(np.asarray(tokens), np.asarray(jnp.stack(out, 1)))
+
+
+def _with_impl(lm: LM, impl: str) -> LM:
+    """The same weights under another lm.attention_impl."""
+    other = LM(dataclasses.replace(lm.cfg, attention_impl=impl), rngs=nnx.Rngs(1))
+    nnx.update(other, nnx.state(lm))
+    return other
+
+
+@pytest.mark.parametrize("kind", ["moshi", "csm"])
+def test_generation_through_the_kernel_equals_the_reference_generator(kind: str) -> None:
+    lm = _lm(kind, 3)
+    fused = _with_impl(lm, "pallas")
+    user = np.random.default_rng(0).integers(0, 32, (3, 3, 5)).astype(np.int32)
+    greedy = SamplingConfig(greedy=True)
+    outs = []
+    for model in (lm, fused):
+        gen = Generator(model, greedy)
+        _, tokens = gen.run(gen.init(3, jax.random.key(0)), user)
+        outs.append(np.asarray(tokens))
+    np.testing.assert_array_equal(outs[1], outs[0])
+
+
+def test_engine_through_the_kernel_reproduces_the_reference_engine() -> None:
+    cfg = load_config(resolve_preset("tiny", "lm"))
+    codec = Mimi(cfg.codec, rngs=nnx.Rngs(0))
+    lm = LM(cfg.lm, rngs=nnx.Rngs(1))
+    greedy = SamplingConfig(greedy=True)
+    frames = []
+    for model in (lm, _with_impl(lm, "pallas")):
+        engine = Engine(codec, model, 2, greedy)
+        slots = [engine.join(jax.random.key(i)) for i in range(2)]
+        wav = gliding_tone(4 * engine.frame_size, np.random.default_rng(0)).reshape(4, -1)
+        frames.append([engine.step({s: wav[t] for s in slots}) for t in range(4)])
+    for ref, ker in zip(*frames, strict=True):
+        np.testing.assert_array_equal(ker.text, ref.text)
+        np.testing.assert_array_equal(ker.codes, ref.codes)
+        np.testing.assert_allclose(ker.audio, ref.audio, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- grouped matmul
+
+
+@pytest.mark.parametrize(
+    ("groups", "rows", "n_in", "n_out", "dtype", "rtol"),
+    [(3, 7, 40, 96, "float32", 1e-5), (5, 9, 33, 17, "float32", 1e-5),
+     (4, 16, 128, 256, "bfloat16", 1e-2)],
+)  # fmt: skip
+def test_grouped_matmul_forward_and_gradients(
+    groups: int, rows: int, n_in: int, n_out: int, dtype: str, rtol: float
+) -> None:
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (groups, rows, n_in)).astype(dtype)
+    w = jax.random.normal(keys[1], (groups, n_out, n_in)).astype(dtype)
+    cotangent = jax.random.normal(keys[2], (groups, rows, n_out)).astype(dtype)
+
+    def loss(f: object, x: jax.Array, w: jax.Array) -> jax.Array:
+        return jnp.sum((f(x, w) * cotangent).astype(jnp.float32))  # type: ignore[operator]
+
+    kernel = lambda x, w: grouped_matmul(x, w, impl="pallas")  # noqa: E731
+    ref = lambda x, w: gmm_reference(x.astype(jnp.float32), w.astype(jnp.float32))  # noqa: E731
+    scale = float(jnp.abs(ref(x, w)).max())
+    np.testing.assert_allclose(
+        np.asarray(kernel(x, w), np.float32), np.asarray(ref(x, w)), rtol=rtol, atol=rtol * scale
+    )
+    grads = [jax.grad(lambda *a, f=f: loss(f, *a), (0, 1))(x, w) for f in (kernel, ref)]
+    for got, want in zip(*grads, strict=True):
+        top = float(jnp.abs(want).max())
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=rtol * top)
+
+
+def test_training_pass_through_the_grouped_matmul() -> None:
+    """The teacher-forced loss and its gradients of a moshi-kind LM are the same with the
+    per-step projections as grouped matmuls."""
+    lm = _lm("moshi", 3)
+    fused = _with_impl(lm, "pallas")
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 32, (2, 7, 6)), jnp.int32)
+
+    def loss(model: LM) -> jax.Array:
+        out = model(tokens)
+        return jnp.mean(out.audio_logits**2) + jnp.mean(out.text_logits**2)
+
+    (l_ref, g_ref), (l_ker, g_ker) = (nnx.value_and_grad(loss)(m) for m in (lm, fused))
+    np.testing.assert_allclose(float(l_ker), float(l_ref), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_ker), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- TPU compile
+
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (sfm[tpu])"
+)
+
+
+@needs_libtpu
+@pytest.mark.parametrize(("chip", "kind", "batch"), [("v5e", "moshi", 16), ("v5p", "csm", 32)])
+def test_depth_kernel_compiles_with_mosaic(chip: str, kind: str, batch: int) -> None:
+    """Moshi 7B's (K=8) and CSM's (K=32) depth shapes in bfloat16 compile with Mosaic for a
+    real chip, inside its VMEM (the compiler refuses a kernel that does not fit)."""
+    spec = importlib.util.spec_from_file_location("depth_kernels", BENCH)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["depth_kernels"] = bench  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    report = bench.compile_depth_frame(chip, kind, batch)
+    print(report)
+    assert report.vmem_bytes <= report.vmem_capacity
+    assert report.flops > 0 and report.bytes_accessed > report.weight_bytes * 0.99
+
+
+def test_vmem_plan_is_stated() -> None:
+    lm = _lm("moshi", 4)
+    w = depth_weights(lm)
+    bt, bf = block_rows(9, jnp.float32), hidden_block(w)
+    assert (bt, bf) == (16, 256)
+    assert vmem_bytes(w, bt, bf, jnp.float32, True) < vmem_bytes(w, bt, bf, jnp.float32)
