@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from functools import partial
 from typing import Any, Literal
 
 import jax
@@ -218,17 +219,27 @@ def depth_frame(
     (moshi: the text token's depth embedding; csm: unused), seeds [B, 2] int32, temperatures
     [B, 1] float32 (<= 0: argmax) and top-k [B, 1] int32 in [1, V] (see
     `sfm.kernels.sampling`). impl "xla" is `reference`; "pallas" the fused kernel
-    (`interpret`: None runs the interpreter where the backend is not a TPU)."""
+    (`interpret`: None picks by the platform the program is lowered for, see below; True
+    or `pltpu.InterpretParams` the TPU interpreter; False Mosaic)."""
+    args = (w, h_bd, first_bd, seeds_b2, temp_b1, top_k_b1)
     if impl == "xla":
-        return reference(w, h_bd, first_bd, seeds_b2, temp_b1, top_k_b1, greedy=greedy)
+        return reference(*args, greedy=greedy)
     if impl != "pallas":
         raise ValueError(f"depth impl {impl!r}: expected xla or pallas")
     from sfm.kernels.depth_tpu import depth_frame_kernel
 
-    return depth_frame_kernel(
-        w, h_bd, first_bd, seeds_b2, temp_b1, top_k_b1,
-        greedy=greedy, interpret=interpret, block_b=block_b, block_f=block_f,
-    )  # fmt: skip
+    kernel = partial(depth_frame_kernel, greedy=greedy, block_b=block_b, block_f=block_f)
+    if interpret is not None:
+        return kernel(*args, interpret=interpret)
+    # Chosen where the program is lowered (an ahead-of-time TPU compile on a CPU host gets
+    # the Mosaic kernel): TPU the kernel, GPU the reference (no Mosaic GPU kernel yet),
+    # CPU the kernel in the TPU interpreter.
+    return jax.lax.platform_dependent(
+        *args,
+        tpu=partial(kernel, interpret=False),
+        cuda=partial(reference, greedy=greedy),
+        default=partial(kernel, interpret=True),
+    )
 
 
 __all__ = ["DepthWeights", "Impl", "depth_frame", "reference", "rope_tables", "swap_pairs"]

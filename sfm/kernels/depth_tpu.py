@@ -327,15 +327,15 @@ def depth_frame_kernel(
     top_k_b1: jax.Array,
     *,
     greedy: bool,
-    interpret: bool | Any | None = None,
+    interpret: bool | Any = False,
     block_b: int | None = None,
     block_f: int | None = None,
     vmem_capacity_bytes: int | None = None,
 ) -> jax.Array:
     """`sfm.kernels.depth.depth_frame` as one kernel launch per batch tile: tokens [B, P].
 
-    `interpret`: None runs Mosaic on a TPU and the TPU interpreter elsewhere; True the
-    interpreter; or `pltpu.InterpretParams` (race detection). `block_b` / `block_f`: the
+    `interpret`: False compiles with Mosaic; True runs the TPU interpreter, as does a
+    `pltpu.InterpretParams` (race detection). `block_b` / `block_f`: the
     batch tile and the MLP's hidden chunk (default: `block_rows`, `hidden_block`).
     `vmem_capacity_bytes` (default: this TPU's, `vmem_capacity`): where double buffers of
     the per-position blocks would not fit in it, they get one buffer."""
@@ -361,8 +361,6 @@ def depth_frame_kernel(
     operands += [cos, sin, hsum] + ([] if widen is None else [widen])
     dq = w.num_heads * w.head_dim
     bf, single = plan(w, bt, dtype, block_f, vmem_capacity_bytes or vmem_capacity())
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
     if interpret is True:
         interpret = pltpu.InterpretParams()
     kernel = functools.partial(_kernel, w=w, dtype=dtype, greedy=greedy, widen=widen is not None)

@@ -15,6 +15,7 @@ wraps the same kernels behind a heavier dependency set (pydantic, qwix, a pinned
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Literal
 
 import jax
@@ -44,20 +45,37 @@ def grouped_matmul(
     x_kni: jax.Array, w_koi: jax.Array, *, impl: Impl = "xla", interpret: bool | None = None
 ) -> jax.Array:
     """y[k] = x[k] @ w[k].T, [K, N, out] in x's dtype (float32 accumulation); `impl` "xla"
-    is `reference`, "pallas" the grouped kernel (`interpret`: None interprets off a TPU)."""
+    is `reference`, "pallas" the grouped kernel (`interpret`: None picks by the platform
+    the program is lowered for; True / False: megablox interpreted / compiled)."""
     if impl == "xla":
         return reference(x_kni, w_koi)
     if impl != "pallas":
         raise ValueError(f"grouped matmul impl {impl!r}: expected xla or pallas")
-    k, n, i = x_kni.shape
     w = w_koi.astype(x_kni.dtype)
-    backend = jax.default_backend()
-    if backend == "gpu" and not interpret:
-        sizes = jnp.full((k,), n, jnp.int32)
-        y = jax.lax.ragged_dot(x_kni.reshape(k * n, i), jnp.swapaxes(w, 1, 2), sizes)
-        return y.reshape(k, n, -1)
+    if interpret is not None:
+        return _megablox(x_kni, w, interpret)
+    # Chosen where the program is lowered (an ahead-of-time TPU compile on a CPU host gets
+    # the Mosaic kernel): TPU megablox, GPU XLA's ragged dot, CPU megablox interpreted.
+    return jax.lax.platform_dependent(
+        x_kni,
+        w,
+        tpu=partial(_megablox, interpret=False),
+        cuda=_ragged_dot,
+        default=partial(_megablox, interpret=True),
+    )
+
+
+def _ragged_dot(x_kni: jax.Array, w_koi: jax.Array) -> jax.Array:
+    k, n, i = x_kni.shape
+    sizes = jnp.full((k,), n, jnp.int32)
+    y = jax.lax.ragged_dot(x_kni.reshape(k * n, i), jnp.swapaxes(w_koi, 1, 2), sizes)
+    return y.reshape(k, n, -1)
+
+
+def _megablox(x_kni: jax.Array, w_koi: jax.Array, interpret: bool) -> jax.Array:
     from jax.experimental.pallas.ops.tpu.megablox import gmm
 
+    k, n, i = x_kni.shape
     rows = _round_up(k * n, 8)
     lhs = x_kni.reshape(k * n, i)
     if rows != k * n:  # zero rows in the last group: they add nothing to any gradient
@@ -65,14 +83,14 @@ def grouped_matmul(
     sizes = jnp.full((k,), n, jnp.int32).at[-1].add(rows - k * n)
     y = gmm(
         lhs,
-        w,
+        w_koi,
         sizes,
         x_kni.dtype,
-        tiling(rows, i, w.shape[1]),
+        tiling(rows, i, w_koi.shape[1]),
         None,
         None,
         True,  # transpose_rhs: w is [K, out, in]
-        backend != "tpu" if interpret is None else interpret,
+        interpret,
     )
     return y[: k * n].reshape(k, n, -1)
 

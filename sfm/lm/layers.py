@@ -8,6 +8,7 @@ with a single weight set.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax
@@ -16,12 +17,12 @@ from flax import nnx
 
 from sfm.kernels.grouped_matmul import grouped_matmul
 from sfm.lm.layout import IGNORE, INITIAL
-from sfm.nn.attention import Impl, attention, cached_attention, causal_mask, heads_first, init_cache
+from sfm.nn.attention import Impl, cached_attention, init_cache, self_attention
 from sfm.nn.init import logical, normal, uniform
 from sfm.nn.mlp import GatedMlp
 from sfm.nn.norm import RMSNorm
 from sfm.nn.rope import apply_rope
-from sfm.parallel.rules import constrain
+from sfm.parallel.rules import constrain, per_batch_shard
 
 Steps = tuple[int, ...] | None
 State = dict[str, Any]
@@ -126,7 +127,8 @@ def _step_matmul(
         if impl == "xla":
             return jnp.einsum("t...i,toi->t...o", x_bti, w_toi)
         rows = x_bti.reshape(x_bti.shape[0], -1, x_bti.shape[-1])
-        y = grouped_matmul(rows, w_toi, impl=impl)
+        kernel = partial(grouped_matmul, impl=impl)
+        y = per_batch_shard(kernel, (rows, w_toi), (1, None), 1)
         return y.reshape(*x_bti.shape[:-1], y.shape[-1])
     if x_bti.shape[-2] == 1:
         return jnp.einsum("...ti,toi->...to", x_bti, w_toi)
@@ -189,8 +191,7 @@ class Attention(nnx.Module):
         """x [B, T, D] (with `time_major` [T, B, D]: the projections run step-major, the
         attention itself batch-major) and positions [B, T] -> the same layout as x."""
         q, k, v = self._qkv(x_btd, pos_bt, steps, time_major)
-        mask = causal_mask(pos_bt, pos_bt, self.context)
-        out = attention(q, heads_first(k), heads_first(v), mask, impl=self.impl)
+        out = self_attention(q, k, v, pos_bt, context=self.context, impl=self.impl)
         if time_major:
             out = jnp.swapaxes(out, 0, 1)
         return self.out_proj(out, steps, time_major=time_major)

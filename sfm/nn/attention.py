@@ -3,8 +3,9 @@
 `attention` is softmax attention with float32 logits and grouped keys (H query heads share
 G kv heads); visibility comes from positions (`causal_mask`: filled, not in the future,
 within the context window). `impl` picks the implementation: "xla" (plain jnp, every backend);
-"pallas" the kernels of sfm.kernels where one exists for the call (today the LM's depth
-frame and grouped per-step matmuls; this attention itself stays the jnp one).
+"pallas" the kernels of sfm.kernels where one serves the call: `self_attention` (the
+teacher-forced pass) through splash attention on TPU and cuDNN on GPU
+(`sfm.kernels.attention`; the Pallas interpreter on CPU), the plain form elsewhere.
 
 The cache is a ring of `capacity` keys and values per sequence, head-major [B, G, C, D] so it
 feeds the attention products without a transpose; `pos` holds each slot's position (-1:
@@ -18,14 +19,17 @@ the new keys and leaves the new keys in the ring, equal to attending over the wh
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sfm.kernels import attention as kernel_attention
 from sfm.nn.linear import Linear
 from sfm.nn.rope import apply_rope
+from sfm.parallel.rules import per_batch_shard
 
 State = dict[str, Any]
 Impl = Literal["xla", "pallas"]
@@ -60,6 +64,32 @@ def attention(
     logits = jnp.where(mask_bqk[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v_bgkd.dtype)
     return jnp.einsum("bgrqk,bgkd->bqgrd", probs, v_bgkd).reshape(b, q, h * d)
+
+
+def self_attention(
+    q_bthd: jax.Array,
+    k_btgd: jax.Array,
+    v_btgd: jax.Array,
+    pos_bt: jax.Array,
+    *,
+    context: int | None,
+    impl: Impl = "xla",
+) -> jax.Array:
+    """Teacher-forced causal attention of a sequence over itself -> [B, T, H * D]; k and v
+    [B, T, G, D]. With impl "pallas" a kernel runs where one suits the platform and shapes
+    (`sfm.kernels.attention`); it reads the positions as 0..T-1, as every teacher-forced
+    pass lays them out."""
+
+    if impl == "xla":
+        mask = causal_mask(pos_bt, pos_bt, context)
+        return attention(q_bthd, heads_first(k_btgd), heads_first(v_btgd), mask)
+
+    def reference(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:  # per batch shard
+        pos = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32), q.shape[:2])
+        return attention(q, heads_first(k), heads_first(v), causal_mask(pos, pos, context))
+
+    kernel = partial(kernel_attention.self_attention, context=context, fallback=reference)
+    return per_batch_shard(kernel, (q_bthd, k_btgd, v_btgd), (0, 0, 0), 0)
 
 
 def init_cache(batch: int, capacity: int, kv_heads: int, head_dim: int, dtype: Any) -> State:

@@ -125,6 +125,38 @@ def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def per_batch_shard(
+    fn: Any, args: Sequence[jax.Array], batch_dims: Sequence[int | None], out_batch_dim: int
+) -> jax.Array:
+    """`fn(*args)` run per shard of the "batch" logical axis under `activation_sharding`
+    (a shard_map: a kernel custom call XLA cannot partition itself sees its local rows);
+    `batch_dims[i]` is the batch dim of args[i] (None: replicated, e.g. weights). Plain
+    `fn(*args)` outside that context, on one device, or when the batch does not divide."""
+    rules = _ACTIVATION_RULES.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh.empty or mesh.size == 1:
+        return fn(*args)
+    entry = _checked_spec(logical_to_mesh_spec(("batch",), rules), mesh, "activation")[0]
+    ways = math.prod(mesh.shape[axis] for axis in _names(entry))
+    sizes = {a.shape[d] for a, d in zip(args, batch_dims, strict=True) if d is not None}
+    if entry is None or any(size % ways for size in sizes):
+        return fn(*args)
+
+    def spec(ndim: int, dim: int | None) -> PartitionSpec:
+        entries: list[Any] = [None] * ndim
+        if dim is not None:
+            entries[dim] = entry
+        return PartitionSpec(*entries)
+
+    out_ndim = jax.eval_shape(fn, *args).ndim
+    in_specs = tuple(spec(a.ndim, d) for a, d in zip(args, batch_dims, strict=True))
+    mapped = jax.shard_map(
+        fn, mesh=mesh, in_specs=in_specs, out_specs=spec(out_ndim, out_batch_dim),
+        check_vma=False,
+    )  # fmt: skip
+    return mapped(*args)
+
+
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
     """Sharding for a rank-ndim input whose leading dim is the "batch" logical axis."""
     return NamedSharding(mesh, logical_to_mesh_spec(("batch",) + (None,) * (ndim - 1), rules))

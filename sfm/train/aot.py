@@ -206,6 +206,7 @@ class CompileReport:
     model_flops: float  # analytic training FLOPs of the whole step, all devices
     compile_seconds: float
     unit: str = "frames"  # of seq_len
+    kernels: tuple[str, ...] = ()  # the Mosaic kernels in the program (lm.attention_impl)
 
     @property
     def headroom_bytes(self) -> int:
@@ -237,6 +238,8 @@ class CompileReport:
             ("XLA FLOPs / device", f"{self.xla_flops:.3e} (scanned layers counted once)"),
             ("compile time", f"{self.compile_seconds:.1f} s"),
         ]
+        if self.kernels:
+            rows.append(("Mosaic kernels", ", ".join(self.kernels)))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -296,8 +299,9 @@ def abstract_batch(cfg: Config, task: Task, mesh: Mesh) -> dict[str, jax.ShapeDt
     }
 
 
-def _compile(step: Any, args: tuple[Any, ...], label: str) -> tuple[Any, float]:
-    """Lower and compile; out-of-memory becomes an AotError."""
+def _compile(step: Any, args: tuple[Any, ...], label: str) -> tuple[Any, float, tuple[str, ...]]:
+    """Lower and compile: (compiled, seconds, its Mosaic kernels); out-of-memory becomes an
+    AotError."""
     t0 = time.perf_counter()
     # A persistent compilation cache (one a library user turned on) would store the TPU
     # program but cannot load it back without a TPU client: keep it out of the way.
@@ -305,7 +309,9 @@ def _compile(step: Any, args: tuple[Any, ...], label: str) -> tuple[Any, float]:
     jax.config.update("jax_enable_compilation_cache", False)
     compilation_cache.reset_cache()  # jax decides once whether to use it: decide again
     try:
-        compiled = step.lower(*args).compile()
+        lowered = step.lower(*args)
+        kernels = mosaic_kernels(lowered.as_text())
+        compiled = lowered.compile()
     except Exception as err:  # XLA raises JaxRuntimeError / XlaRuntimeError
         if "RESOURCE_EXHAUSTED" in str(err):
             raise AotError(f"{label}: out of HBM at compile time: {_oom_summary(err)}") from err
@@ -313,7 +319,7 @@ def _compile(step: Any, args: tuple[Any, ...], label: str) -> tuple[Any, float]:
     finally:
         jax.config.update("jax_enable_compilation_cache", cache)
         compilation_cache.reset_cache()
-    return compiled, time.perf_counter() - t0
+    return compiled, time.perf_counter() - t0, kernels
 
 
 def _oom_summary(err: BaseException) -> str:
@@ -344,8 +350,9 @@ def compile_for_topology(cfg: Config, topology: str, label: str = "config") -> C
     step = build_train_step(parts, task.loss_fn(cfg), cfg.train)
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=parts.shardings["replicated"])
     args = (parts.params, parts.mutable, parts.frozen, parts.opt_state)
-    compiled, seconds = _compile(step, (*args, batch_args, rng), where)
+    compiled, seconds, kernels = _compile(step, (*args, batch_args, rng), where)
     report = _report(cfg, label, topo, mesh, hosts, batch, length, parts, compiled, seconds)
+    report = dataclasses.replace(report, kernels=kernels)
     if report.peak_bytes > report.hbm_bytes:
         raise AotError(
             f"{where}: peak {report.peak_bytes / GiB:.2f} GiB per device exceeds the "
@@ -400,6 +407,17 @@ def _report(
         model_flops=get_task(cfg).cost(cfg)[1],
         compile_seconds=seconds,
     )
+
+
+def mosaic_kernels(stablehlo: str) -> tuple[str, ...]:
+    """The Mosaic (Pallas TPU) kernels a lowered program calls: "name x count", by name."""
+    counts: dict[str, int] = {}
+    for line in stablehlo.splitlines():
+        if "@tpu_custom_call" in line:
+            found = re.search(r'kernel_name = "([^"]+)"', line)
+            name = found.group(1) if found else "unnamed"
+            counts[name] = counts.get(name, 0) + 1
+    return tuple(f"{name} x{n}" for name, n in sorted(counts.items()))
 
 
 def run(config: str, topology: str, overrides: Sequence[str], *, prefix: str = "error") -> int:
