@@ -27,7 +27,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from sfm.kernels.depth import DepthWeights, reference
-from sfm.kernels.depth_tpu import block_rows, depth_frame_kernel, plan, vmem_bytes
+from sfm.kernels.depth_plan import plan
+from sfm.kernels.depth_tpu import depth_frame_kernel
 
 CHIPS = {"v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
 CHIP_VERSION = {"v5e": "TPU_V5E", "v5p": "TPU_V5P", "v6e": "TPU_V6E"}
@@ -44,7 +45,8 @@ def depth_shapes(kind: str, dtype: Any = jnp.bfloat16) -> DepthWeights:
     hd, s = d // h, jax.ShapeDtypeStruct
     moshi = kind == "moshi"
     return DepthWeights(
-        w_in=s((nw, d, din), dtype), emb=s((p - 1, v + 1, d if moshi else din), dtype),
+        w_in=s((nw, d, din), dtype),
+        emb=tuple(s((v + 1, d if moshi else din), dtype) for _ in range(p - 1)),
         norm1=s((n, 1, d), dtype), wqkv=s((n, nw, (h + 2 * g) * hd, d), dtype),
         wo=s((n, nw, d, h * hd), dtype), norm2=s((n, 1, d), dtype),
         w1=s((n, nw, 2 * f, d), dtype), w2=s((n, nw, d, f), dtype),
@@ -114,11 +116,7 @@ def compile_depth_frame(chip: str, kind: str, batch: int, impl: str = "pallas") 
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flops, moved = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-    bt = block_rows(batch, dtype)
-    vmem = 0
-    if impl == "pallas":
-        bf, single = plan(w, bt, dtype, None, capacity)
-        vmem = vmem_bytes(w, bt, bf, dtype, single)
+    vmem = plan(w, batch, dtype, capacity).vmem_bytes if impl == "pallas" else 0
     roofline = max(flops / info.bf16_ops_per_second, moved / info.mem_bw_bytes_per_second)
     return CompileReport(
         chip, kind, batch, impl, vmem, capacity, flops, moved, weight_bytes(w), roofline, seconds

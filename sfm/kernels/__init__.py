@@ -1,10 +1,14 @@
 """Pallas kernels, each beside its pure-JAX reference.
 
-- `depth`: the depth transformer's whole frame with sampling (`reference`, and the fused
+- `depth`: the depth transformer's whole frame with sampling (`reference`; the fused Mosaic
   TPU kernel in `depth_tpu`); `sampling`: the in-kernel sampler both use.
-- `grouped_matmul`: the per-codebook projections of training, y[k] = x[k] @ w[k].T.
-- `attention`: the temporal transformer's attention through JAX's own kernels.
+- `grouped_matmul`: the per-codebook projections of training, y[k] = x[k] @ w[k].T
+  (megablox on TPU, `jax.lax.ragged_dot` on GPU).
+- `attention`: the temporal transformer's teacher-forced attention through JAX's own
+  kernels (splash on TPU, cuDNN on GPU).
 
 One switch, `lm.attention_impl`, picks: "xla" runs the references (every backend; the
-default), "pallas" the kernels (on CPU through the Pallas interpreter, for tests).
+default), "pallas" the kernels. Each kernel is chosen where the program is lowered
+(`jax.lax.platform_dependent`), so an ahead-of-time TPU compile on a CPU host gets the
+Mosaic kernels; run on CPU they go through the Pallas TPU interpreter (the tests).
 """

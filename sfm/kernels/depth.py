@@ -41,8 +41,8 @@ class DepthWeights:
     temporal dim, V = card, H / G query / kv heads of width hd, F the gated hidden width.
 
     w_in   [NW, D', Din]            input projection (csm: `proj`)
-    emb    [P - 1, V + 1, De]       tables of the previous token at positions 1.. (moshi:
-                                    De = D'; csm: the temporal tables, De = Din)
+    emb    P - 1 tables [V + 1, De]  of the previous token at positions 1.. (moshi: De = D';
+                                    csm: the temporal model's tables, De = Din)
     norm1, norm2 [L, 1, D']         RMSNorm scales (shared by the steps)
     wqkv   [L, NW, (H + 2G) hd, D'] fused [q | k | v] projection
     wo     [L, NW, D', H hd]
@@ -53,7 +53,7 @@ class DepthWeights:
     """
 
     w_in: jax.Array
-    emb: jax.Array
+    emb: tuple[jax.Array, ...]
     norm1: jax.Array
     wqkv: jax.Array
     wo: jax.Array
@@ -70,7 +70,7 @@ class DepthWeights:
 
     @property
     def positions(self) -> int:
-        return self.emb.shape[0] + 1
+        return len(self.emb) + 1
 
     @property
     def layers(self) -> int:
@@ -127,10 +127,12 @@ def _rms(x: jax.Array, alpha: jax.Array, eps: float) -> jax.Array:
 
 
 def _dense(x: jax.Array, w_oi: jax.Array, dtype: Any) -> jax.Array:
-    """x [B, in] @ w.T in `dtype` with float32 accumulation -> [B, out] float32."""
-    return jnp.einsum(
+    """x [B, in] @ w.T in `dtype` (float32 accumulation, result rounded to `dtype`, as a
+    linear layer of the model) -> [B, out] float32."""
+    y = jnp.einsum(
         "bi,oi->bo", x.astype(dtype), w_oi.astype(dtype), preferred_element_type=jnp.float32
     )
+    return y.astype(dtype).astype(jnp.float32)
 
 
 def reference(
@@ -142,31 +144,30 @@ def reference(
     top_k_b1: jax.Array,
     *,
     greedy: bool,
-) -> jax.Array:
+    given_bp: jax.Array | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Tokens [B, P] int32 of one frame (see `depth_frame`), in plain JAX.
 
-    Activations are rounded to h's dtype where the model rounds them (the inputs of every
-    product and the residual stream), accumulations and norms are float32."""
-    dtype = h_bd.dtype
+    Rounded to h's dtype where the model rounds (the result of every product: projections,
+    attention scores, the MLP's halves, logits; the residual stream); accumulations, norms,
+    RoPE and softmax are float32."""
+    dtype, f32 = h_bd.dtype, jnp.float32
     b, p, n_layers = h_bd.shape[0], w.positions, w.layers
     h, g, hd = w.num_heads, w.kv_heads, w.head_dim
     cos, sin = rope_tables(w)
     keys: list[list[jax.Array]] = [[] for _ in range(n_layers)]
     values: list[list[jax.Array]] = [[] for _ in range(n_layers)]
     tokens: list[jax.Array] = []
+    scores_pbv: list[jax.Array] = []
     prev = jnp.zeros((b, 1), jnp.int32)
     for j in range(p):
         s = w.step_set(j)
-        if j == 0:
-            x_in = _dense(h_bd, w.w_in[s], dtype)
-            if w.kind == "moshi":
-                x_in = x_in + first_bd.astype(jnp.float32)
+        e = None if j == 0 else jnp.take(w.emb[j - 1], prev[:, 0], axis=0).astype(dtype)
+        if w.kind == "csm":
+            x = _dense(h_bd if e is None else e, w.w_in[s], dtype)
         else:
-            e = jnp.take(w.emb[j - 1], prev[:, 0], axis=0).astype(dtype)
-            x_in = _dense(e, w.w_in[s], dtype) if w.kind == "csm" else e.astype(jnp.float32)
-            if w.kind == "moshi":
-                x_in = x_in + _dense(h_bd, w.w_in[s], dtype)
-        x = x_in.astype(dtype)
+            x = _dense(h_bd, w.w_in[s], dtype) + (first_bd if e is None else e).astype(f32)
+        x = x.astype(dtype)
         for layer in range(n_layers):
             xn = _rms(x, w.norm1[layer, 0], w.norm_eps)
             qkv = _dense(xn, w.wqkv[layer, s], dtype)
@@ -178,23 +179,29 @@ def reference(
             k_all = jnp.stack(keys[layer], 1).reshape(b, j + 1, g, 1, hd)
             v_all = jnp.stack(values[layer], 1).reshape(b, j + 1, g, 1, hd)
             q_g = q.astype(dtype).reshape(b, g, h // g, hd)
-            logits = jnp.einsum("bgrd,bjgod->bgrj", q_g, k_all, preferred_element_type=jnp.float32)
-            probs = jax.nn.softmax(logits * hd**-0.5, axis=-1)
-            attn = jnp.einsum("bgrj,bjgod->bgrd", probs.astype(dtype), v_all.astype(dtype))
-            x = x + _dense(attn.reshape(b, h * hd), w.wo[layer, s], dtype).astype(dtype)
+            scores = jnp.einsum("bgrd,bjgod->bgrj", q_g, k_all, preferred_element_type=f32)
+            probs = jax.nn.softmax(scores.astype(dtype).astype(f32) * hd**-0.5, axis=-1)
+            attn = jnp.einsum(
+                "bgrj,bjgod->bgrd", probs.astype(dtype), v_all, preferred_element_type=f32
+            )
+            attn = attn.astype(dtype).reshape(b, h * hd)
+            x = (x + _dense(attn, w.wo[layer, s], dtype).astype(dtype)).astype(dtype)
             ab = _dense(_rms(x, w.norm2[layer, 0], w.norm_eps), w.w1[layer, s], dtype)
             f = w.hidden
             mid = (jax.nn.silu(ab[:, :f].astype(dtype)) * ab[:, f:].astype(dtype)).astype(dtype)
-            x = x + _dense(mid, w.w2[layer, s], dtype).astype(dtype)
+            x = (x + _dense(mid, w.w2[layer, s], dtype).astype(dtype)).astype(dtype)
         if w.kind == "csm" and j == 0:
             assert w.head0 is not None
             logits = _dense(h_bd, w.head0[0], dtype)
         else:
             logits = _dense(x, w.heads[w.head_of(j)], dtype)
-        prev = sample_rows(
-            logits.astype(dtype).astype(jnp.float32), seeds_b2, j, temp_b1, top_k_b1, greedy=greedy
-        )
+        prev = sample_rows(logits, seeds_b2, j, temp_b1, top_k_b1, greedy=greedy)
         tokens.append(prev)
+        scores_pbv.append(logits)
+        if given_bp is not None:
+            prev = given_bp[:, j : j + 1].astype(jnp.int32)
+    if given_bp is not None:
+        return jnp.concatenate(tokens, axis=1), jnp.stack(scores_pbv)
     return jnp.concatenate(tokens, axis=1)
 
 
@@ -214,31 +221,37 @@ def depth_frame(
     interpret: bool | None = None,
     block_b: int | None = None,
     block_f: int | None = None,
-) -> jax.Array:
+    given_bp: jax.Array | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Tokens [B, P] int32 of one frame for h [B, Din] (the temporal output), first [B, D']
     (moshi: the text token's depth embedding; csm: unused), seeds [B, 2] int32, temperatures
     [B, 1] float32 (<= 0: argmax) and top-k [B, 1] int32 in [1, V] (see
     `sfm.kernels.sampling`). impl "xla" is `reference`; "pallas" the fused kernel
     (`interpret`: None picks by the platform the program is lowered for, see below; True
-    or `pltpu.InterpretParams` the TPU interpreter; False Mosaic)."""
+    or `pltpu.InterpretParams` the TPU interpreter; False Mosaic).
+
+    Scoring: with `given_bp` [B, P] those tokens are fed on instead of the sampled ones and
+    (tokens, logits [P, B, V] float32) come back: the frame's logits given its codes."""
     args = (w, h_bd, first_bd, seeds_b2, temp_b1, top_k_b1)
     if impl == "xla":
-        return reference(*args, greedy=greedy)
+        return reference(*args, greedy=greedy, given_bp=given_bp)
     if impl != "pallas":
         raise ValueError(f"depth impl {impl!r}: expected xla or pallas")
     from sfm.kernels.depth_tpu import depth_frame_kernel
 
-    kernel = partial(depth_frame_kernel, greedy=greedy, block_b=block_b, block_f=block_f)
+    kernel = partial(
+        depth_frame_kernel, greedy=greedy, block_b=block_b, block_f=block_f, given_bp=given_bp
+    )
     if interpret is not None:
         return kernel(*args, interpret=interpret)
     # Chosen where the program is lowered (an ahead-of-time TPU compile on a CPU host gets
-    # the Mosaic kernel): TPU the kernel, GPU the reference (no Mosaic GPU kernel yet),
-    # CPU the kernel in the TPU interpreter.
+    # the Mosaic kernel): TPU the kernel, CPU the kernel in the TPU interpreter, GPUs the
+    # reference (no Mosaic GPU kernel yet).
     return jax.lax.platform_dependent(
         *args,
         tpu=partial(kernel, interpret=False),
-        cuda=partial(reference, greedy=greedy),
-        default=partial(kernel, interpret=True),
+        cpu=partial(kernel, interpret=True),
+        default=partial(reference, greedy=greedy, given_bp=given_bp),
     )
 
 

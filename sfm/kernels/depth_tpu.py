@@ -1,29 +1,34 @@
 """The depth frame as one Pallas TPU (Mosaic) kernel: all P positions of a frame, every
 layer, the heads and the sampling, in one launch per batch tile.
 
-Grid (batch tile b, position j, layer l), run in that order on a core. The weights of
-(j, l) are blocks that Pallas's pipeline fetches from HBM while the previous (j, l)
-computes (double buffering); per step the small state stays in VMEM scratch across grid
-iterations: the residual stream x [Bt, D'], the keys and values of every layer at every
-position of this frame [L, P, Bt, H hd] and the previous token [Bt, 1]. At l = 0 the
-position's input is built (projection of h and the previous token's embedding, the latter
-as a one-hot product with the table: a gather a TPU core does on the MXU); at l = L - 1 the
-position's head runs and its token is sampled (`sfm.kernels.sampling`) into the output and
-into the next position's input. Batch tiles are independent ("parallel": split over the
-cores of a megacore chip).
+Grid (batch tile b, position j, layer l, MLP chunk c), run in that order on a core. The
+weights of (j, l, c) are blocks that Pallas's pipeline fetches from HBM while the previous
+step computes (double buffering); the frame's state stays in VMEM scratch across grid
+steps: the residual stream x [Bt, D'], every layer's keys and values at every position
+[L, P, Bt, H hd] and the previous token [Bt, 1]. At (l, c) = (0, 0) the position's input is
+built: the projection of h and the previous token's embedding, a one-hot product with the
+position's table, which is copied from HBM into VMEM there (the tables stay the model's own
+arrays: nothing is stacked per frame). At c = 0 a layer's attention runs; each c adds one
+chunk of the gated MLP's hidden units (summed in float32); at the last (l, c) the position's
+head runs and its token is sampled (`sfm.kernels.sampling`) into the output and into the next
+position's input. Batch tiles are independent ("parallel": split over a megacore's cores);
+`sfm.kernels.depth_plan` sizes them and the chunks to the chip's VMEM.
 
 Attention over the <= P keys of a position works on whole [P, Bt, H hd] blocks: the per-head
 sums of q * k and the spreading of per-head weights back to lanes are products with a 0/1
 head-sum matrix, so nothing is reshaped across lanes; keys and values of grouped heads are
 widened to all H heads once, when written (a 0/1 product too). RoPE's pair swap is two lane
-rotations.
+rotations. Keys at positions past j (an earlier frame's or tile's) are masked out.
+
+Rounding follows the model's: products take operands in the compute dtype and accumulate in
+float32, and their results (projections, attention scores, the MLP's halves, the heads'
+logits) are rounded to the compute dtype where the model's are; float32 products run at
+full precision (the 0/1 products stay exact).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
@@ -32,19 +37,28 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from sfm.kernels.depth import DepthWeights, rope_tables
+from sfm.kernels.depth_plan import cost, plan, round_up, vmem_capacity
 from sfm.kernels.sampling import sample_rows
 
-_MIB = 1 << 20
+
+def _precision(dtype: Any) -> jax.lax.Precision:
+    return (
+        jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+    )
+
+
+def _dot(x: jax.Array, y: jax.Array, dtype: Any, transpose_y: bool = False) -> jax.Array:
+    """x @ y (or x @ y.T), operands in `dtype`, float32 result."""
+    dims = (((1,), (1 if transpose_y else 0,)), ((), ()))
+    return jax.lax.dot_general(
+        x.astype(dtype), y.astype(dtype), dims, precision=_precision(dtype),
+        preferred_element_type=jnp.float32,
+    )  # fmt: skip
 
 
 def _dense(x: jax.Array, w_oi: jax.Array, dtype: Any) -> jax.Array:
-    """x [B, in] @ w.T, operands in `dtype`, float32 result."""
-    return jax.lax.dot_general(
-        x.astype(dtype),
-        w_oi.astype(dtype),
-        (((1,), (1,)), ((), ())),
-        preferred_element_type=jnp.float32,
-    )
+    """x [B, in] @ w.T rounded to `dtype` (a linear layer of the model) -> float32."""
+    return _dot(x, w_oi, dtype, transpose_y=True).astype(dtype).astype(jnp.float32)
 
 
 def _rms(x: jax.Array, alpha: jax.Array, eps: float) -> jax.Array:
@@ -60,37 +74,45 @@ def _swap_pairs(x: jax.Array) -> jax.Array:
     return jnp.where(lane % 2 == 0, pltpu.roll(x, n - 1, 1), pltpu.roll(x, 1, 1))
 
 
-def _kernel(*refs: Any, w: DepthWeights, dtype: Any, greedy: bool, widen: bool) -> None:
-    csm = w.kind == "csm"
+def _kernel(
+    *refs: Any, w: DepthWeights, dtype: Any, greedy: bool, widen: bool, scoring: bool
+) -> None:
+    csm, n_tables = w.kind == "csm", len(w.emb)
     it = iter(refs)
     h_ref, first_ref, seeds_ref, temp_ref, topk_ref = (next(it) for _ in range(5))
-    w_in_ref, emb_ref, n1_ref, wqkv_ref, wo_ref, n2_ref, w1a_ref, w1b_ref, w2_ref = (
+    w_in_ref, n1_ref, wqkv_ref, wo_ref, n2_ref, w1a_ref, w1b_ref, w2_ref, heads_ref = (
         next(it) for _ in range(9)
     )
-    heads_ref = next(it)
     head0_ref = next(it) if csm else None
     cos_ref, sin_ref, hsum_ref = next(it), next(it), next(it)
     widen_ref = next(it) if widen else None
-    out_ref, x_sc, xn_sc, acc_sc, k_sc, v_sc, prev_sc = (next(it) for _ in range(7))
+    table_refs = [next(it) for _ in range(n_tables)]  # in HBM
+    given_ref = next(it) if scoring else None
+    out_ref = next(it)
+    logits_ref = next(it) if scoring else None
+    x_sc, xn_sc, acc_sc, k_sc, v_sc, prev_sc = (next(it) for _ in range(6))
+    table_sc = next(it) if n_tables else None
 
     j, layer, chunk = pl.program_id(1), pl.program_id(2), pl.program_id(3)
     p, bt, n_layers, n_chunks = k_sc.shape[1], x_sc.shape[0], w.layers, pl.num_programs(3)
     h, hd = w.num_heads, w.head_dim
     dq, dk = h * hd, w.kv_heads * hd
+    f32 = jnp.float32
 
     @pl.when((layer == 0) & (chunk == 0))
     def _position_input() -> None:
-        vocab1 = emb_ref.shape[0]
-        onehot = jax.lax.broadcasted_iota(jnp.int32, (bt, vocab1), 1) == prev_sc[...]
-        e = jnp.dot(
-            onehot.astype(dtype), emb_ref[...].astype(dtype), preferred_element_type=jnp.float32
-        )
+        if table_sc is None:  # one position: the input is h alone
+            e = jnp.zeros((bt, w.dim if not csm else h_ref.shape[-1]), f32)
+        else:
+            for i, table in enumerate(table_refs):  # flat, not a nested switch: Mosaic
+                pl.when(j == i + 1)(functools.partial(pltpu.sync_copy, table, table_sc))
+            lanes = jax.lax.broadcasted_iota(jnp.int32, (bt, table_sc.shape[0]), 1)
+            e = _dot(lanes == prev_sc[...], table_sc[...], dtype)  # a row gather
         if csm:
-            src = jnp.where(j == 0, h_ref[...].astype(jnp.float32), e)
-            x = _dense(src, w_in_ref[...], dtype)
+            x = _dense(jnp.where(j == 0, h_ref[...].astype(f32), e), w_in_ref[...], dtype)
         else:
             x = _dense(h_ref[...], w_in_ref[...], dtype)
-            x = x + jnp.where(j == 0, first_ref[...].astype(jnp.float32), e)
+            x = x + jnp.where(j == 0, first_ref[...].astype(f32), e)
         x_sc[...] = x.astype(x_sc.dtype)
 
     @pl.when(chunk == 0)
@@ -104,32 +126,23 @@ def _kernel(*refs: Any, w: DepthWeights, dtype: Any, greedy: bool, widen: bool) 
             cos, sin = cos_ref[...], sin_ref[...]
             q = q * cos + _swap_pairs(q) * sin
             k = k * cos[:, :dk] + _swap_pairs(k) * sin[:, :dk]
-        k, v = k.astype(dtype), v.astype(dtype)
         if widen_ref is not None:  # grouped heads -> all H heads (exact: a 0/1 product)
-            k = jnp.dot(k, widen_ref[...].astype(dtype), preferred_element_type=jnp.float32)
-            v = jnp.dot(v, widen_ref[...].astype(dtype), preferred_element_type=jnp.float32)
+            k, v = _dot(k, widen_ref[...], dtype), _dot(v, widen_ref[...], dtype)
         k_sc[layer, j] = k.astype(k_sc.dtype)
         v_sc[layer, j] = v.astype(v_sc.dtype)
 
-        # Keys past position j hold an earlier frame's values (or nothing): masked out.
         visible = jax.lax.broadcasted_iota(jnp.int32, (p, bt, dq), 0) <= j
-        q32 = q.astype(dtype).astype(jnp.float32)
-        qk = jnp.where(visible, k_sc[layer].astype(jnp.float32) * q32[None], 0.0)
-        hsum = hsum_ref[...]
-        scores = jnp.dot(qk.reshape(p * bt, dq), hsum, preferred_element_type=jnp.float32)
+        q32 = q.astype(dtype).astype(f32)
+        qk = jnp.where(visible, k_sc[layer].astype(f32) * q32[None], 0.0)
+        scores = _dot(qk.reshape(p * bt, dq), hsum_ref[...], f32).astype(dtype).astype(f32)
         scores = scores.reshape(p, bt, h) * hd**-0.5
         seen = jax.lax.broadcasted_iota(jnp.int32, (p, bt, h), 0) <= j
         scores = jnp.where(seen, scores, -jnp.inf)
         probs = jnp.exp(scores - jnp.max(scores, axis=0, keepdims=True))
-        probs = (probs / jnp.sum(probs, axis=0, keepdims=True)).astype(dtype)
-        spread = jax.lax.dot_general(
-            probs.astype(jnp.float32).reshape(p * bt, h),
-            hsum,
-            (((1,), (1,)), ((), ())),
-            preferred_element_type=jnp.float32,
-        ).reshape(p, bt, dq)
-        values = v_sc[layer].astype(jnp.float32)
-        attn = jnp.sum(jnp.where(visible, spread * values, 0.0), axis=0)
+        probs = (probs / jnp.sum(probs, axis=0, keepdims=True)).astype(dtype).astype(f32)
+        spread = _dot(probs.reshape(p * bt, h), hsum_ref[...], f32, transpose_y=True)
+        values = v_sc[layer].astype(f32)
+        attn = jnp.sum(jnp.where(visible, spread.reshape(p, bt, dq) * values, 0.0), axis=0)
         x = (x + _dense(attn.astype(dtype), wo_ref[...], dtype).astype(dtype)).astype(dtype)
         x_sc[...] = x.astype(x_sc.dtype)
         xn_sc[...] = _rms(x, n2_ref[...], w.norm_eps).astype(xn_sc.dtype)
@@ -139,13 +152,17 @@ def _kernel(*refs: Any, w: DepthWeights, dtype: Any, greedy: bool, widen: bool) 
     xn = xn_sc[...]
     a = _dense(xn, w1a_ref[...], dtype).astype(dtype)
     b = _dense(xn, w1b_ref[...], dtype).astype(dtype)
-    acc_sc[...] += _dense((jax.nn.silu(a) * b).astype(dtype), w2_ref[...], dtype)
+    acc_sc[...] += _dot((jax.nn.silu(a) * b).astype(dtype), w2_ref[...], dtype, transpose_y=True)
 
     def emit(logits: jax.Array) -> None:
-        logits = logits.astype(dtype).astype(jnp.float32)
         token = sample_rows(logits, seeds_ref[...], j, temp_ref[...], topk_ref[...], greedy=greedy)
-        prev_sc[...] = token
         out_ref[j] = token
+        if given_ref is None:
+            prev_sc[...] = token
+        else:  # scoring given tokens: they are fed on, the logits kept
+            assert logits_ref is not None
+            prev_sc[...] = given_ref[j]
+            logits_ref[j] = logits
 
     @pl.when(chunk == n_chunks - 1)
     def _layer_out() -> None:
@@ -160,42 +177,10 @@ def _kernel(*refs: Any, w: DepthWeights, dtype: Any, greedy: bool, widen: bool) 
             pl.when(last)(lambda: emit(_dense(x, heads_ref[...], dtype)))
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-def sublanes(dtype: Any) -> int:
-    """Rows of one VMEM tile for `dtype` (8 for 32-bit, 16 for 16-bit values)."""
-    return 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
-
-
-def block_rows(batch: int, dtype: Any, block_b: int | None = None) -> int:
-    """The batch tile: the whole (padded) batch up to 256 rows, so a frame streams each
-    weight once; `block_b` overrides it (a multiple of the sublane tile)."""
-    sub = sublanes(dtype)
-    bt = block_b or min(_round_up(batch, sub), 256)
-    if bt % sub:
-        raise ValueError(f"block_b: {bt} must be a multiple of {sub} for {jnp.dtype(dtype)}")
-    return bt
-
-
-def hidden_block(w: DepthWeights, block_f: int | None = None, max_bytes: int = 2 * _MIB) -> int:
-    """Hidden units per MLP chunk: the largest multiple of 128 dividing F whose chunk of
-    a weight ([chunk, D'], as stored) fits `max_bytes` (F itself when no such multiple)."""
-    f = w.hidden
-    if block_f is not None:
-        if f % block_f or (block_f % 128 and block_f != f):
-            raise ValueError(f"block_f: {block_f} must divide {f} and be a multiple of 128")
-        return block_f
-    row = w.dim * jnp.dtype(w.w1.dtype).itemsize
-    fits = [c for c in range(128, f + 1, 128) if f % c == 0 and c * row <= max_bytes]
-    return max(fits) if fits else (128 if f % 128 == 0 else f)
-
-
 def _specs(w: DepthWeights, bt: int, bf: int, widen: bool, single: bool) -> list[pl.BlockSpec]:
     """Input block specs over the grid (b, j, l, c), in the kernel's operand order. With
-    `single`, the blocks that change once per position (input projection, embedding table,
-    heads) and the constant ones get one buffer instead of two."""
+    `single`, the blocks that change once per position (input projection, heads) and the
+    constant ones get one buffer instead of two; the embedding tables stay in HBM."""
     moshi = w.kind == "moshi"
     mode = dict(pipeline_mode=pl.Buffered(1)) if single else {}
     chunks = w.hidden // bf
@@ -209,27 +194,24 @@ def _specs(w: DepthWeights, bt: int, bf: int, widen: bool, single: bool) -> list
     def rows(width: int) -> pl.BlockSpec:
         return pl.BlockSpec((bt, width), lambda b, j, layer, c: (b, 0))
 
-    def per_layer(a: jax.Array) -> pl.BlockSpec:
-        return pl.BlockSpec(
-            (None, None, *a.shape[2:]), lambda b, j, layer, c: (layer, step(j), 0, 0)
-        )
+    def per_layer(shape: tuple[int, ...], index: Any) -> pl.BlockSpec:
+        return pl.BlockSpec((None, None, *shape), index)
 
     def once(shape: tuple[int, ...]) -> pl.BlockSpec:  # the same block all along
         return pl.BlockSpec(shape, lambda b, j, layer, c: (0,) * len(shape), **mode)
 
     d = w.dim
+    norm = pl.BlockSpec((None, 1, d), lambda b, j, layer, c: (layer, 0, 0))
     specs = [
         rows(w.w_in.shape[-1]), rows(d), rows(2), rows(1), rows(1),
         pl.BlockSpec((None, *w.w_in.shape[1:]), lambda b, j, layer, c: (step(j), 0, 0), **mode),
-        pl.BlockSpec(
-            (None, *w.emb.shape[1:]), lambda b, j, layer, c: (jnp.maximum(j - 1, 0), 0, 0), **mode
-        ),
-        pl.BlockSpec((None, 1, d), lambda b, j, layer, c: (layer, 0, 0)),
-        per_layer(w.wqkv), per_layer(w.wo),
-        pl.BlockSpec((None, 1, d), lambda b, j, layer, c: (layer, 0, 0)),
-        pl.BlockSpec((None, None, bf, d), lambda b, j, layer, c: (layer, step(j), c, 0)),
-        pl.BlockSpec((None, None, bf, d), lambda b, j, layer, c: (layer, step(j), chunks + c, 0)),
-        pl.BlockSpec((None, None, d, bf), lambda b, j, layer, c: (layer, step(j), 0, c)),
+        norm,
+        per_layer(w.wqkv.shape[2:], lambda b, j, layer, c: (layer, step(j), 0, 0)),
+        per_layer(w.wo.shape[2:], lambda b, j, layer, c: (layer, step(j), 0, 0)),
+        norm,
+        per_layer((bf, d), lambda b, j, layer, c: (layer, step(j), c, 0)),
+        per_layer((bf, d), lambda b, j, layer, c: (layer, step(j), chunks + c, 0)),
+        per_layer((d, bf), lambda b, j, layer, c: (layer, step(j), 0, c)),
         pl.BlockSpec((None, *w.heads.shape[1:]), lambda b, j, layer, c: (head(j), 0, 0), **mode),
     ]  # fmt: skip
     if not moshi:
@@ -240,7 +222,7 @@ def _specs(w: DepthWeights, bt: int, bf: int, widen: bool, single: bool) -> list
     specs += [table, table, once((dq, w.num_heads))]
     if widen:
         specs.append(once((w.kv_heads * w.head_dim, dq)))
-    return specs
+    return specs + [pl.BlockSpec(memory_space=pl.ANY)] * len(w.emb)
 
 
 def head_matrices(w: DepthWeights) -> tuple[jax.Array, jax.Array | None]:
@@ -252,70 +234,6 @@ def head_matrices(w: DepthWeights) -> tuple[jax.Array, jax.Array | None]:
     kv_of_lane = (jnp.arange(h * hd) // hd) // (h // g) * hd + jnp.arange(h * hd) % hd
     widen = (jnp.arange(g * hd)[:, None] == kv_of_lane[None]).astype(jnp.float32)
     return hsum, widen
-
-
-def _nbytes(a: Any, shape: tuple[int, ...] | None = None) -> int:
-    return 0 if a is None else math.prod(shape or a.shape) * jnp.dtype(a.dtype).itemsize
-
-
-def vmem_bytes(w: DepthWeights, bt: int, bf: int, dtype: Any, single: bool = False) -> int:
-    """VMEM the kernel asks for: the buffers of every input block (two: the pipeline's
-    double buffering; one for the per-position and constant blocks with `single`), the
-    output block and the scratch."""
-    item, d = jnp.dtype(dtype).itemsize, w.dim
-    dq, din = w.num_heads * w.head_dim, w.w_in.shape[-1]
-    per_position = sum(_nbytes(a, a.shape[1:]) for a in (w.w_in, w.emb, w.heads))
-    per_position += _nbytes(w.head0, None if w.head0 is None else w.head0.shape[1:])
-    per_position += dq * (w.num_heads + dq) * 4  # the head-sum and widening matrices
-    per_step = _nbytes(w.norm1, w.norm1.shape[1:]) * 2 + 2 * dq * 4
-    per_step += _nbytes(w.wqkv, w.wqkv.shape[2:]) + _nbytes(w.wo, w.wo.shape[2:])
-    per_step += 3 * _nbytes(w.w1, (bf, d)) + bt * (din + d) * item + bt * 3 * 4
-    scratch = bt * d * (2 * item + 4) + 2 * w.layers * w.positions * bt * dq * item + bt * 4
-    return (1 if single else 2) * per_position + 2 * per_step + 2 * w.positions * bt * 4 + scratch
-
-
-def vmem_capacity() -> int:
-    """This TPU's VMEM (64 MiB, the smallest of current chips, off a TPU)."""
-    if jax.default_backend() == "tpu":
-        return int(pltpu.get_tpu_info().vmem_capacity_bytes)
-    return 64 * _MIB
-
-
-def plan(
-    w: DepthWeights, bt: int, dtype: Any, block_f: int | None, capacity: int
-) -> tuple[int, bool]:
-    """(MLP chunk, single-buffered per-position blocks) for a batch tile of `bt` rows that
-    fits `capacity` bytes of VMEM: double buffers first, then smaller chunks."""
-    first = hidden_block(w, block_f)
-    chunks = [first] if block_f else [c for c in range(first, 0, -128) if w.hidden % c == 0]
-    for bf in chunks:
-        for single in (False, True):
-            if vmem_bytes(w, bt, bf, dtype, single) + 4 * _MIB <= capacity:
-                return bf, single
-    need = vmem_bytes(w, bt, chunks[-1], dtype, True) / _MIB
-    raise ValueError(
-        f"depth kernel: a batch tile of {bt} rows needs {need:.1f} MiB of VMEM at the "
-        f"smallest MLP chunk ({chunks[-1]}), more than the {capacity / _MIB:.0f} MiB there "
-        "are; give a smaller block_b"
-    )
-
-
-def cost(w: DepthWeights, batch: int, tiles: int) -> pl.CostEstimate:
-    """FLOPs, transcendentals and HBM bytes of one frame (every tile streams the weights)."""
-    p, n, d, v = w.positions, w.layers, w.dim, w.vocab
-    dq, din, f = w.num_heads * w.head_dim, w.w_in.shape[-1], w.hidden
-    per_layer = w.wqkv.shape[2] * d + d * dq + 3 * f * d  # weights read per (position, layer)
-    table = w.emb.shape[1] * w.emb.shape[2]
-    macs = p * (d * din + table + n * per_layer + v * d) + n * p * p * dq * 2
-    trans = p * (n * (p * w.num_heads + f) + 2 * v)
-    layer_bytes = sum(_nbytes(a, a.shape[2:]) for a in (w.wqkv, w.wo, w.w1, w.w2))
-    weights = p * (
-        n * layer_bytes + _nbytes(w.w_in, w.w_in.shape[1:]) + _nbytes(w.emb, w.emb.shape[1:])
-        + _nbytes(w.heads, w.heads.shape[1:])
-    ) + _nbytes(w.head0)  # fmt: skip
-    return pl.CostEstimate(
-        flops=2 * batch * macs, transcendentals=batch * trans, bytes_accessed=tiles * weights
-    )
 
 
 def depth_frame_kernel(
@@ -331,65 +249,80 @@ def depth_frame_kernel(
     block_b: int | None = None,
     block_f: int | None = None,
     vmem_capacity_bytes: int | None = None,
-) -> jax.Array:
+    given_bp: jax.Array | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """`sfm.kernels.depth.depth_frame` as one kernel launch per batch tile: tokens [B, P].
 
     `interpret`: False compiles with Mosaic; True runs the TPU interpreter, as does a
-    `pltpu.InterpretParams` (race detection). `block_b` / `block_f`: the
-    batch tile and the MLP's hidden chunk (default: `block_rows`, `hidden_block`).
-    `vmem_capacity_bytes` (default: this TPU's, `vmem_capacity`): where double buffers of
-    the per-position blocks would not fit in it, they get one buffer."""
+    `pltpu.InterpretParams` (race detection). `block_b` / `block_f` fix the batch tile and
+    the MLP chunk; by default `sfm.kernels.depth_plan.plan` fits them to
+    `vmem_capacity_bytes` (default: this TPU's, `vmem_capacity`). `given_bp` [B, P]: see
+    `sfm.kernels.depth.depth_frame`."""
     dtype = h_bd.dtype
     batch, p = h_bd.shape[0], w.positions
-    bt = block_rows(batch, dtype, block_b)
-    padded = _round_up(batch, bt)
+    capacity = vmem_capacity_bytes or vmem_capacity()
+    fit = plan(w, batch, dtype, capacity, block_b, block_f)
+    bt, bf = fit.rows, fit.chunk
+    padded = round_up(batch, bt)
 
     def pad(a: jax.Array, value: Any = 0) -> jax.Array:
         return jnp.pad(a, ((0, padded - batch), (0, 0)), constant_values=value)
 
     hsum, widen = head_matrices(w)
     cos, sin = rope_tables(w)
-    if w.emb.shape[0] == 0:  # one position: no previous token
-        w = dataclasses.replace(w, emb=jnp.zeros((1, *w.emb.shape[1:]), w.emb.dtype))
     operands = [
         pad(h_bd), pad(first_bd.astype(dtype)), pad(seeds_b2.astype(jnp.int32)),
         pad(temp_b1.astype(jnp.float32)), pad(top_k_b1.astype(jnp.int32), 1),
-        w.w_in, w.emb, w.norm1, w.wqkv, w.wo, w.norm2, w.w1, w.w1, w.w2, w.heads,
+        w.w_in, w.norm1, w.wqkv, w.wo, w.norm2, w.w1, w.w1, w.w2, w.heads,
     ]  # fmt: skip
     if w.kind == "csm":
         operands.append(w.head0)
-    operands += [cos, sin, hsum] + ([] if widen is None else [widen])
+    operands += [cos, sin, hsum] + ([] if widen is None else [widen]) + list(w.emb)
+    scoring = given_bp is not None
+    if scoring:
+        operands.append(pad(given_bp.astype(jnp.int32)).T[:, :, None])  # [P, B, 1]
     dq = w.num_heads * w.head_dim
-    bf, single = plan(w, bt, dtype, block_f, vmem_capacity_bytes or vmem_capacity())
     if interpret is True:
         interpret = pltpu.InterpretParams()
-    kernel = functools.partial(_kernel, w=w, dtype=dtype, greedy=greedy, widen=widen is not None)
-    tokens = pl.pallas_call(
+    kernel = functools.partial(
+        _kernel, w=w, dtype=dtype, greedy=greedy, widen=widen is not None, scoring=scoring
+    )
+    column = pl.BlockSpec((p, bt, 1), lambda b, j, layer, c: (0, b, 0))
+    in_specs = _specs(w, bt, bf, widen is not None, fit.single) + [column] * scoring
+    out_specs: Any = column
+    out_shape: Any = jax.ShapeDtypeStruct((p, padded, 1), jnp.int32)
+    if scoring:
+        v = w.vocab
+        out_specs = (column, pl.BlockSpec((p, bt, v), lambda b, j, layer, c: (0, b, 0)))
+        out_shape = (out_shape, jax.ShapeDtypeStruct((p, padded, v), jnp.float32))
+    scratch = [
+        pltpu.VMEM((bt, w.dim), dtype),  # the residual stream
+        pltpu.VMEM((bt, w.dim), dtype),  # its norm, the MLP's input
+        pltpu.VMEM((bt, w.dim), jnp.float32),  # the MLP's output, summed over chunks
+        pltpu.VMEM((w.layers, p, bt, dq), dtype),  # keys of this frame
+        pltpu.VMEM((w.layers, p, bt, dq), dtype),  # values
+        pltpu.VMEM((bt, 1), jnp.int32),  # the previous token
+    ]
+    if w.emb:
+        scratch.append(pltpu.VMEM(w.emb[0].shape, w.emb[0].dtype))  # this position's table
+    out = pl.pallas_call(
         kernel,
         grid=(padded // bt, p, w.layers, w.hidden // bf),
-        in_specs=_specs(w, bt, bf, widen is not None, single),
-        out_specs=pl.BlockSpec((p, bt, 1), lambda b, j, layer, c: (0, b, 0)),
-        out_shape=jax.ShapeDtypeStruct((p, padded, 1), jnp.int32),
-        scratch_shapes=[
-            pltpu.VMEM((bt, w.dim), dtype),  # the residual stream
-            pltpu.VMEM((bt, w.dim), dtype),  # its norm, the MLP's input
-            pltpu.VMEM((bt, w.dim), jnp.float32),  # the MLP's output, summed over chunks
-            pltpu.VMEM((w.layers, p, bt, dq), dtype),  # keys of this frame
-            pltpu.VMEM((w.layers, p, bt, dq), dtype),  # values
-            pltpu.VMEM((bt, 1), jnp.int32),  # the previous token
-        ],
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        scratch_shapes=scratch,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "arbitrary", "arbitrary", "arbitrary"),
-            vmem_limit_bytes=vmem_bytes(w, bt, bf, dtype, single) + 4 * _MIB,
+            vmem_limit_bytes=min(capacity, fit.vmem_bytes + 4 * (1 << 20)),
         ),
         cost_estimate=cost(w, padded, padded // bt),
         interpret=interpret or False,
         name=f"depth_frame_{w.kind}",
     )(*operands)
-    return tokens[:, :batch, 0].T
+    if scoring:
+        return out[0][:, :batch, 0].T, out[1][:, :batch]
+    return out[:, :batch, 0].T
 
 
-__all__ = [
-    "block_rows", "cost", "depth_frame_kernel", "head_matrices", "hidden_block", "sublanes",
-    "vmem_bytes",
-]  # fmt: skip
+__all__ = ["depth_frame_kernel", "head_matrices"]

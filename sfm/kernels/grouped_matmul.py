@@ -55,13 +55,13 @@ def grouped_matmul(
     if interpret is not None:
         return _megablox(x_kni, w, interpret)
     # Chosen where the program is lowered (an ahead-of-time TPU compile on a CPU host gets
-    # the Mosaic kernel): TPU megablox, GPU XLA's ragged dot, CPU megablox interpreted.
+    # the Mosaic kernel): TPU megablox, CPU megablox interpreted, GPUs XLA's ragged dot.
     return jax.lax.platform_dependent(
         x_kni,
         w,
         tpu=partial(_megablox, interpret=False),
-        cuda=_ragged_dot,
-        default=partial(_megablox, interpret=True),
+        cpu=partial(_megablox, interpret=True),
+        default=_ragged_dot,
     )
 
 

@@ -8,9 +8,9 @@ what every backend lowers: integer hashing, lane reductions and a bisection.
   pair, the position of the step and the lane. The same (seed, position) gives the same
   draw in the kernel and in its reference, so their sampled tokens can be compared exactly.
 - Top-k: the k-th largest logit of each row is found by bisection on the value (32 halvings
-  of the row's range: each keeps the threshold's count >= k); logits below it are dropped.
-  Rows with tied logits at the threshold keep every tie (`lax.top_k` would keep the first
-  ones by index); with real-valued logits ties have probability zero.
+  of the row's range), and which of the logits tied with it to keep (bfloat16 logits tie
+  often) by a bisection on the lane: exactly k are kept, the lower lanes first among ties,
+  as `lax.top_k` keeps them.
 - Temperature: the Gumbel-max draw argmax(logits / temp + g), g = -log(-log(u)), is a
   sample of softmax(logits / temp) over the kept logits. temp <= 0 is argmax.
 
@@ -55,21 +55,39 @@ def argmax(x_rv: jax.Array) -> jax.Array:
     return jnp.minimum(first, float(x_rv.shape[-1] - 1)).astype(jnp.int32)  # NaN rows: last
 
 
-def top_k_threshold(logits_rv: jax.Array, k_r1: jax.Array) -> jax.Array:
-    """[rows, 1]: the largest value t with at least k logits >= t (the k-th largest logit,
-    to within the last halving of the row's range)."""
+def top_k_mask(logits_rv: jax.Array, k_r1: jax.Array) -> jax.Array:
+    """[rows, V] bool: the k largest logits of each row, ties broken towards the lower
+    lane (as `lax.top_k`). Two bisections: on the value (32 halvings of the row's range
+    find t, the k-th largest), then on the lane (which of the logits equal to t to keep)."""
     lo = jnp.min(logits_rv, axis=-1, keepdims=True)
     hi = jnp.max(logits_rv, axis=-1, keepdims=True)
+    k = k_r1.astype(jnp.float32)
+
+    def count(mask: jax.Array) -> jax.Array:
+        return jnp.sum(mask.astype(jnp.float32), axis=-1, keepdims=True)
 
     def halve(_: int, bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         lo, hi = bounds
         mid = lo + (hi - lo) * 0.5
-        count = jnp.sum((logits_rv >= mid).astype(jnp.float32), axis=-1, keepdims=True)
-        enough = count >= k_r1.astype(jnp.float32)
+        enough = count(logits_rv >= mid) >= k
         return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
 
     lo, _ = jax.lax.fori_loop(0, _BISECTIONS, halve, (lo, hi))
-    return lo
+    kth = jnp.min(jnp.where(logits_rv >= lo, logits_rv, jnp.inf), axis=-1, keepdims=True)
+    above, tied = logits_rv > kth, logits_rv == kth
+    wanted = k - count(above)  # >= 1 of the tied logits
+    lane = jax.lax.broadcasted_iota(jnp.int32, logits_rv.shape, 1).astype(jnp.float32)
+
+    def narrow(_: int, bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        lo, hi = bounds  # keep the tied logits at lanes < hi; lo keeps too few
+        mid = jnp.floor((lo + hi) * 0.5)
+        enough = count(tied & (lane < mid)) >= wanted
+        return jnp.where(enough, lo, mid), jnp.where(enough, mid, hi)
+
+    width = logits_rv.shape[-1]
+    bounds = (jnp.zeros_like(kth), jnp.full_like(kth, float(width)))
+    _, end = jax.lax.fori_loop(0, max(1, width.bit_length()), narrow, bounds)
+    return above | (tied & (lane < end))
 
 
 def sample_rows(
@@ -88,7 +106,7 @@ def sample_rows(
     if greedy:
         return argmax(logits_rv)
     width = logits_rv.shape[-1]
-    keep = logits_rv >= top_k_threshold(logits_rv, top_k_r1)
+    keep = top_k_mask(logits_rv, top_k_r1)
     u = uniform(seeds_r2[:, 0:1], seeds_r2[:, 1:2], jnp.int32(position), width)
     gumbel = -jnp.log(-jnp.log(u))
     scaled = logits_rv / jnp.where(temp_r1 > 0, temp_r1, 1.0) + gumbel
@@ -97,11 +115,13 @@ def sample_rows(
 
 
 def effective_top_k(top_k_b: jax.Array, cap: int, vocab: int) -> jax.Array:
-    """[B, 1] int32 in [1, vocab]: a session's top-k where 0 < top_k < cap, else `cap`
-    (0, or >= vocab: the whole vocabulary), as `sfm.lm.generate.sample` reads them."""
-    full = vocab if cap <= 0 or cap >= vocab else cap
+    """[B, 1] int32 in [1, vocab], as `sfm.lm.generate.sample` reads a session's top-k under
+    the engine's `cap`: with 0 < cap < vocab, the session's where 0 < top_k < cap, else cap;
+    a cap of 0 (or >= vocab) samples the whole vocabulary whatever the session asks."""
     k = jnp.asarray(top_k_b, jnp.int32).reshape(-1, 1)
-    return jnp.where((k > 0) & (k < full), k, full)
+    if cap <= 0 or cap >= vocab:
+        return jnp.full_like(k, vocab)
+    return jnp.where((k > 0) & (k < cap), k, cap)
 
 
 def seeds_of(keys_b: jax.Array) -> jax.Array:
@@ -110,4 +130,4 @@ def seeds_of(keys_b: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(data[:, :2], jnp.int32)
 
 
-__all__ = ["argmax", "effective_top_k", "sample_rows", "seeds_of", "top_k_threshold", "uniform"]
+__all__ = ["argmax", "effective_top_k", "sample_rows", "seeds_of", "top_k_mask", "uniform"]

@@ -1,9 +1,10 @@
 """The LM's depth transformer as `sfm.kernels.depth.DepthWeights`, and the frame's sampling
 through `sfm.kernels.depth.depth_frame` (lm.attention_impl "pallas").
 
-The arrays are the model's own: stacked layers ([L, NW, out, in]) are passed as they are,
-adapters folded in; a model without the layer scan has its layers stacked here, as are the
-per-codebook embedding tables (a copy per frame: small next to the layers' weights).
+The arrays are the model's own (stacked layers [L, NW, out, in], the embedding tables), so
+a frame copies nothing, except where the model's layout differs: adapters are folded in,
+and a model without the layer scan has its layers stacked here, every frame (serve merged
+adapters and the default `scan_layers`).
 """
 
 from __future__ import annotations
@@ -57,17 +58,15 @@ def depth_weights(model: LM) -> DepthWeights:
         n = model.cfg.dep_q
         return DepthWeights(
             w_in=_kernel(depth.proj),
-            emb=jnp.stack([model.emb[i].embedding[...] for i in range(n - 1)]),
+            emb=tuple(model.emb[i].embedding[...] for i in range(n - 1)),
             heads=_kernel(depth.heads),
             head0=_kernel(depth.head0),
             kind="csm",
             **common,
         )
-    tables = [e.embedding[...] for e in depth.emb]
-    width = depth.text_emb.embedding.shape[-1]
     return DepthWeights(
         w_in=_kernel(depth.depformer_in),
-        emb=jnp.stack(tables) if tables else jnp.zeros((0, model.cfg.card + 1, width)),
+        emb=tuple(e.embedding[...] for e in depth.emb),
         heads=_kernel(depth.linears),
         head0=None,
         kind="moshi",

@@ -11,7 +11,7 @@ import contextlib
 import contextvars
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import jax
@@ -126,12 +126,17 @@ def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
 
 
 def per_batch_shard(
-    fn: Any, args: Sequence[jax.Array], batch_dims: Sequence[int | None], out_batch_dim: int
+    fn: Callable[..., jax.Array],
+    args: Sequence[jax.Array],
+    batch_dims: Sequence[int | None],
+    out_batch_dim: int,
 ) -> jax.Array:
     """`fn(*args)` run per shard of the "batch" logical axis under `activation_sharding`
     (a shard_map: a kernel custom call XLA cannot partition itself sees its local rows);
-    `batch_dims[i]` is the batch dim of args[i] (None: replicated, e.g. weights). Plain
-    `fn(*args)` outside that context, on one device, or when the batch does not divide."""
+    `batch_dims[i]` is the batch dim of args[i] (None: replicated, e.g. weights, whose
+    gradients are summed over the shards). Every other dim is gathered: under tensor
+    parallelism each tensor rank computes the whole product. Plain `fn(*args)` outside that
+    context or on one device; also, with a warning, when the batch does not divide."""
     rules = _ACTIVATION_RULES.get()
     mesh = jax.sharding.get_abstract_mesh()
     if rules is None or mesh.empty or mesh.size == 1:
@@ -139,7 +144,13 @@ def per_batch_shard(
     entry = _checked_spec(logical_to_mesh_spec(("batch",), rules), mesh, "activation")[0]
     ways = math.prod(mesh.shape[axis] for axis in _names(entry))
     sizes = {a.shape[d] for a, d in zip(args, batch_dims, strict=True) if d is not None}
-    if entry is None or any(size % ways for size in sizes):
+    if entry is None:
+        return fn(*args)
+    if any(size % ways for size in sizes):
+        logger.warning(
+            "kernel %s: batch %s does not divide over %s (%d ways); it runs unsharded",
+            getattr(fn, "__name__", fn), sorted(sizes), entry, ways,
+        )  # fmt: skip
         return fn(*args)
 
     def spec(ndim: int, dim: int | None) -> PartitionSpec:
