@@ -25,7 +25,7 @@ from jax.sharding import AxisType
 
 from sfm.codec.model import Mimi
 from sfm.config import load_config, resolve_preset
-from sfm.infer.engine import Engine
+from sfm.infer.engine import Engine, SessionSampling
 from sfm.kernels.depth import DepthWeights, depth_frame, reference
 from sfm.kernels.depth_plan import plan, vmem_bytes
 from sfm.kernels.grouped_matmul import grouped_matmul
@@ -223,20 +223,25 @@ def test_generation_through_the_kernel_equals_the_reference_generator(kind: str)
 
 
 def test_engine_through_the_kernel_reproduces_the_reference_engine() -> None:
+    """Per-session sampling through the kernel: a session at temperature 0 says what the
+    reference engine's says; its neighbour samples (temperature 1, top-k 0 = the engine's)."""
     cfg = load_config(resolve_preset("tiny", "lm"))
     codec = Mimi(cfg.codec, rngs=nnx.Rngs(0))
     lm = LM(cfg.lm, rngs=nnx.Rngs(1))
-    greedy = SamplingConfig(greedy=True)
+    sampled = SamplingConfig(temp=1.0, top_k=20, temp_text=1.0, top_k_text=0)
     frames = []
     for model in (lm, _with_impl(lm, "pallas")):
-        engine = Engine(codec, model, 2, greedy)
-        slots = [engine.join(jax.random.key(i)) for i in range(2)]
-        wav = gliding_tone(4 * engine.frame_size, np.random.default_rng(0)).reshape(4, -1)
-        frames.append([engine.step({s: wav[t] for s in slots}) for t in range(4)])
+        engine = Engine(codec, model, 2, sampled)
+        greedy = engine.join(jax.random.key(0), SessionSampling(temp_text=0.0, temp=0.0))
+        other = engine.join(jax.random.key(1))
+        wav = gliding_tone(6 * engine.frame_size, np.random.default_rng(0)).reshape(6, -1)
+        frames.append([engine.step({greedy: wav[t], other: wav[t]}) for t in range(6)])
     for ref, ker in zip(*frames, strict=True):
-        np.testing.assert_array_equal(ker.text, ref.text)
-        np.testing.assert_array_equal(ker.codes, ref.codes)
-        np.testing.assert_allclose(ker.audio, ref.audio, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(ker.text[greedy], ref.text[greedy])
+        np.testing.assert_array_equal(ker.codes[greedy], ref.codes[greedy])
+        np.testing.assert_allclose(ker.audio[greedy], ref.audio[greedy], rtol=0, atol=1e-6)
+    codes = np.stack([f.codes[other] for f in frames[1] if f.valid[other]])
+    assert codes.min() >= 0 and codes.max() < cfg.lm.card and len(np.unique(codes)) > 3
 
 
 # --------------------------------------------------------------------------- grouped matmul
