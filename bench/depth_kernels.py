@@ -91,15 +91,16 @@ class CompileReport:
         )
 
 
-def compile_depth_frame(chip: str, kind: str, batch: int, impl: str = "pallas") -> CompileReport:
+def compile_depth_frame(
+    chip: str, kind: str, batch: int, impl: str = "pallas", dtype: Any = jnp.bfloat16
+) -> CompileReport:
     """Compile one frame of `kind`'s depth transformer for one `chip` core (libtpu)."""
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from sfm.train.aot import parse_topology, topology_devices
 
     info = pltpu.get_tpu_info_for_chip(getattr(pltpu.ChipVersion, CHIP_VERSION[chip]), 1)
     capacity = int(info.vmem_capacity_bytes)
-    w = depth_shapes(kind)
-    dtype = w.wqkv.dtype
+    w = depth_shapes(kind, dtype)
 
     def frame(w: DepthWeights, *args: jax.Array) -> jax.Array:
         if impl == "xla":

@@ -353,16 +353,21 @@ needs_libtpu = pytest.mark.skipif(
 
 
 @needs_libtpu
-@pytest.mark.parametrize(("chip", "kind", "batch"), [("v5e", "moshi", 16), ("v5p", "csm", 32)])
-def test_depth_kernel_compiles_with_mosaic(chip: str, kind: str, batch: int) -> None:
-    """Moshi 7B's (K=8) and CSM's (K=32) depth shapes in bfloat16 compile with Mosaic for a
-    real chip, inside its VMEM (the compiler refuses a kernel that does not fit)."""
+@pytest.mark.parametrize(
+    ("chip", "kind", "batch", "dtype"),
+    [("v5e", "moshi", 16, "bfloat16"), ("v5p", "csm", 32, "bfloat16"),
+     ("v6e", "moshi", 8, "float32")],
+)  # fmt: skip
+def test_depth_kernel_compiles_with_mosaic(chip: str, kind: str, batch: int, dtype: str) -> None:
+    """Moshi 7B's (K=8) and CSM's (K=32) depth shapes compile with Mosaic for a real chip,
+    inside its VMEM (the compiler refuses a kernel that does not fit); float32 too (full
+    precision products)."""
     spec = importlib.util.spec_from_file_location("depth_kernels", BENCH)
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     sys.modules["depth_kernels"] = bench  # its dataclasses look their module up
     spec.loader.exec_module(bench)
-    report = bench.compile_depth_frame(chip, kind, batch)
+    report = bench.compile_depth_frame(chip, kind, batch, dtype=jnp.dtype(dtype))
     print(report)
     assert report.vmem_bytes <= report.vmem_capacity
     assert report.flops > 0 and report.bytes_accessed > report.weight_bytes * 0.99

@@ -62,6 +62,12 @@ def _splash(t: int, heads: int, context: int | None, interpret: bool) -> Callabl
     )
 
 
+def any_kernel(t: int, head_dim: int, dtype: Any) -> bool:
+    """Whether a kernel may serve this shape here (else the caller keeps its reference)."""
+    on_gpu = jax.default_backend() == "gpu"
+    return splash_supported(t, head_dim) or (on_gpu and cudnn_supported(head_dim, dtype))
+
+
 def self_attention(
     q_bthd: jax.Array,
     k_btgd: jax.Array,
@@ -118,4 +124,4 @@ def _splash_call(
     return jnp.swapaxes(out_bhtd, 1, 2).reshape(b, t, h * d).astype(v_btgd.dtype)
 
 
-__all__ = ["cudnn_supported", "self_attention", "splash_supported"]
+__all__ = ["any_kernel", "cudnn_supported", "self_attention", "splash_supported"]

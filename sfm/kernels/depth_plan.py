@@ -53,8 +53,11 @@ def hidden_chunks(w: DepthWeights) -> list[int]:
 
 def vmem_bytes(w: DepthWeights, bt: int, bf: int, dtype: Any, single: bool = False) -> int:
     """VMEM the kernel asks for at batch tile `bt` and MLP chunk `bf` (see the module
-    docstring); [rows, 1] blocks count as lane-padded [rows, 128]."""
-    item, d, p, v = jnp.dtype(dtype).itemsize, w.dim, w.positions, w.vocab
+    docstring); [rows, 1] blocks count as lane-padded [rows, 128]. An upper bound: for the
+    published shapes Mosaic's own count (v5p, bfloat16, double buffers) was 5-14 MiB lower
+    (Moshi 7B at 128 and 256 rows: 77.9 and 108.6 MiB against 84.1 and 113.0; CSM at 64
+    rows: 91.1 against 105.6)."""
+    item, d, p = jnp.dtype(dtype).itemsize, w.dim, w.positions
     dq, din = w.num_heads * w.head_dim, w.w_in.shape[-1]
     column = bt * _LANES * 4  # a [bt, 1] block in VMEM
     per_position = _nbytes(w.w_in, w.w_in.shape[1:]) + _nbytes(w.heads, w.heads.shape[1:])
@@ -66,9 +69,8 @@ def vmem_bytes(w: DepthWeights, bt: int, bf: int, dtype: Any, single: bool = Fal
     table = _nbytes(w.emb[0]) if w.emb else 0
     scratch = bt * d * (2 * item + 4) + 2 * w.layers * p * bt * dq * item + column + table
     output = 2 * p * column
-    temporaries = 3 * p * bt * dq * 4 + 6 * bt * v * 4 + bt * (3 * dq + 2 * bf) * 4
     buffers = (1 if single else 2) * per_position + 2 * per_step
-    return buffers + scratch + output + temporaries
+    return buffers + scratch + output
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,10 +31,15 @@ def reference(x_kni: jax.Array, w_koi: jax.Array) -> jax.Array:
 
 
 def tiling(rows: int, in_features: int, out_features: int) -> tuple[int, int, int]:
-    """megablox (tm, tk, tn): the largest row tile dividing `rows` (a multiple of 8, which
-    `grouped_matmul` pads to), 128-wide tiles of in and out (ragged edges are masked)."""
-    tm = next(t for t in _ROW_TILES if rows % t == 0)
-    return tm, min(512, _round_up(in_features, 128)), min(512, _round_up(out_features, 128))
+    """megablox (tm, tk, tn): the largest row tile up to 1024 dividing `rows` (a multiple of
+    8, which `grouped_matmul` pads to), `in` tiles up to 1024 and `out` tiles up to 512 wide
+    (ragged edges are masked), within megablox's default 16 MiB of scoped VMEM on v5e.
+    Against 512-cubed tiles these re-read the operands less: for Moshi 7B's depth MLP
+    (8 x [4096, 1024] x [1024, 5632], forward and backward) the compiled cost falls from
+    3.2 to 2.5 GB moved per step: compute-bound on v5e and v5p, level with XLA's batched
+    dot there, and 0.68x of it on v6e, where XLA moves less (bench/depth_kernels.py)."""
+    tm = next(t for t in (1024, *_ROW_TILES) if rows % t == 0)
+    return tm, min(1024, _round_up(in_features, 128)), min(512, _round_up(out_features, 128))
 
 
 def _round_up(n: int, m: int) -> int:

@@ -79,8 +79,8 @@ def self_attention(
     [B, T, G, D]. With impl "pallas" a kernel runs where one suits the platform and shapes
     (`sfm.kernels.attention`); it reads the positions as 0..T-1, as every teacher-forced
     pass lays them out."""
-
-    if impl == "xla":
+    t, d = q_bthd.shape[1], q_bthd.shape[-1]
+    if impl == "xla" or not kernel_attention.any_kernel(t, d, q_bthd.dtype):
         mask = causal_mask(pos_bt, pos_bt, context)
         return attention(q_bthd, heads_first(k_btgd), heads_first(v_btgd), mask)
 
