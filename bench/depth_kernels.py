@@ -96,7 +96,7 @@ def compile_depth_frame(
 ) -> CompileReport:
     """Compile one frame of `kind`'s depth transformer for one `chip` core (libtpu)."""
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from sfm.train.aot import parse_topology, topology_devices
+    from sfm.train.aot import parse_topology, topology_devices, without_compilation_cache
 
     info = pltpu.get_tpu_info_for_chip(getattr(pltpu.ChipVersion, CHIP_VERSION[chip]), 1)
     capacity = int(info.vmem_capacity_bytes)
@@ -112,7 +112,8 @@ def compile_depth_frame(
     mesh = Mesh(topology_devices(parse_topology(CHIPS[chip]))[:1], ("x",))
     step = jax.shard_map(frame, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)
     start = time.perf_counter()
-    compiled = jax.jit(step).lower(w, *frame_args(w, batch)).compile()
+    with without_compilation_cache():
+        compiled = jax.jit(step).lower(w, *frame_args(w, batch)).compile()
     seconds = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -129,7 +130,7 @@ def compile_grouped_matmul(chip: str, impl: str, rows: int = 4096) -> CompileRep
     (x [8, rows, 1024] x w [8, 5632, 1024], bfloat16) for one `chip` core."""
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from sfm.kernels.grouped_matmul import grouped_matmul
-    from sfm.train.aot import parse_topology, topology_devices
+    from sfm.train.aot import parse_topology, topology_devices, without_compilation_cache
 
     info = pltpu.get_tpu_info_for_chip(getattr(pltpu.ChipVersion, CHIP_VERSION[chip]), 1)
     k, d, f = 8, 1024, 5632
@@ -150,7 +151,8 @@ def compile_grouped_matmul(chip: str, impl: str, rows: int = 4096) -> CompileRep
     mesh = Mesh(topology_devices(parse_topology(CHIPS[chip]))[:1], ("x",))
     mapped = jax.shard_map(step, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)
     start = time.perf_counter()
-    compiled = jax.jit(mapped).lower(x, w, ct).compile()
+    with without_compilation_cache():
+        compiled = jax.jit(mapped).lower(x, w, ct).compile()
     seconds = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost

@@ -46,13 +46,14 @@ if __name__ == "__main__":  # `python -m sfm.train.aot`: host settings before ja
 
     sfm.host.configure(compile_only=True)
 
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
+from collections.abc import Iterator, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
@@ -299,26 +300,34 @@ def abstract_batch(cfg: Config, task: Task, mesh: Mesh) -> dict[str, jax.ShapeDt
     }
 
 
-def _compile(step: Any, args: tuple[Any, ...], label: str) -> tuple[Any, float, tuple[str, ...]]:
-    """Lower and compile: (compiled, seconds, its Mosaic kernels); out-of-memory becomes an
-    AotError."""
-    t0 = time.perf_counter()
-    # A persistent compilation cache (one a library user turned on) would store the TPU
-    # program but cannot load it back without a TPU client: keep it out of the way.
+@contextlib.contextmanager
+def without_compilation_cache() -> Iterator[None]:
+    """Compile for a TPU topology inside this: a persistent compilation cache (one a library
+    user turned on) would store the TPU program but cannot load it back without a TPU
+    client, so it is kept out of the way and restored after."""
     cache = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
     compilation_cache.reset_cache()  # jax decides once whether to use it: decide again
     try:
-        lowered = step.lower(*args)
-        kernels = mosaic_kernels(lowered.as_text())
-        compiled = lowered.compile()
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
+        compilation_cache.reset_cache()
+
+
+def _compile(step: Any, args: tuple[Any, ...], label: str) -> tuple[Any, float, tuple[str, ...]]:
+    """Lower and compile: (compiled, seconds, its Mosaic kernels); out-of-memory becomes an
+    AotError."""
+    t0 = time.perf_counter()
+    try:
+        with without_compilation_cache():
+            lowered = step.lower(*args)
+            kernels = mosaic_kernels(lowered.as_text())
+            compiled = lowered.compile()
     except Exception as err:  # XLA raises JaxRuntimeError / XlaRuntimeError
         if "RESOURCE_EXHAUSTED" in str(err):
             raise AotError(f"{label}: out of HBM at compile time: {_oom_summary(err)}") from err
         raise
-    finally:
-        jax.config.update("jax_enable_compilation_cache", cache)
-        compilation_cache.reset_cache()
     return compiled, time.perf_counter() - t0, kernels
 
 
