@@ -328,6 +328,31 @@ def _export(args: argparse.Namespace) -> None:
     print(f"manifest: {manifest}")
 
 
+def _eval_duplex(args: argparse.Namespace) -> None:
+    """`sfm eval duplex`: turn-taking metrics of scored conversations, or of the model's
+    answers to held-out dialogues through the engine."""
+    from sfm.eval.duplex import converse_dialogues, score_dialogues
+    from sfm.eval.report import duplex_table
+
+    if (args.scored is None) == (args.checkpoint is None and args.config is None):
+        raise SfmError("eval duplex: give --scored DIR, or --checkpoint RUN --dialogues DIR")
+    if args.scored is not None:
+        metrics = score_dialogues(args.scored, args.out)
+    else:
+        from sfm.infer.converse import load_models
+        from sfm.infer.engine import Engine
+        from sfm.lm.generate import SamplingConfig
+
+        if args.dialogues is None:
+            raise SfmError("eval duplex --checkpoint: give --dialogues DIR (held-out dialogues)")
+        codec, lm, _ = load_models(args.checkpoint, args.config, args.codec, args.overrides)
+        sampling = SamplingConfig(temp=args.temp, top_k=args.top_k, greedy=args.greedy)
+        engine = Engine(codec, lm, args.slots, sampling, seed=args.seed, weights=args.weights)
+        metrics = converse_dialogues(engine, args.dialogues, args.out, args.limit)
+    print("\n".join(duplex_table(metrics)))
+    print(f"{args.out}/metrics.json, {args.out}/report.md ({metrics['skipped']['count']} skipped)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `sfm` argument parser; each leaf sets `run` to its command function, and `jit`
     when the command compiles programs (those use the on-disk compile cache)."""
@@ -489,7 +514,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("--tokenizer", default=None, help="text tokenizer file to include")
     exp.set_defaults(run=_export)
+    _eval_parser(commands)
     return parser
+
+
+def _eval_parser(commands: argparse._SubParsersAction) -> None:
+    """`sfm eval ...`: the evaluations."""
+    ev = commands.add_parser("eval", help="evaluate a checkpoint: metrics, report, plots")
+    ev_cmds = ev.add_subparsers(dest="eval_command", required=True, metavar="WHAT")
+    dup = ev_cmds.add_parser("duplex", help="turn-taking (Full-Duplex-Bench v1 definitions)")
+    dup.add_argument("--scored", help="score these conversations (`sfm data dialogues` layout)")
+    dup.add_argument("--checkpoint", help="LM weights (a run): answer --dialogues through it")
+    dup.add_argument("--config", help="lm preset or YAML (alone: random weights)")
+    dup.add_argument("--codec", help="codec weights: sfm or Kyutai Mimi")
+    dup.add_argument("--dialogues", help="held-out dialogues whose user channel the model hears")
+    dup.add_argument("--out", required=True, help="folder for metrics.json, report.md, plots")
+    dup.add_argument("--limit", type=int, help="at most this many dialogues")
+    dup.add_argument("--slots", type=int, default=8, help="conversations run at once")
+    dup.add_argument("--temp", type=float, default=0.8, help="audio sampling temperature")
+    dup.add_argument("--top-k", type=int, default=250, help="audio top-k")
+    dup.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    dup.add_argument("--seed", type=int, default=0, help="sampling seed")
+    dup.add_argument("--weights", default="float32", choices=WEIGHT_FORMATS, help="LM weights")
+    dup.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    dup.set_defaults(run=_eval_duplex, jit=True)
 
 
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:

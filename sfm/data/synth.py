@@ -79,7 +79,7 @@ def _clean(token: str) -> str:
     return token.strip(_EDGE_PUNCT)
 
 
-def _frame_db(audio: np.ndarray, rate: int) -> np.ndarray:
+def frame_db(audio: np.ndarray, rate: int) -> np.ndarray:
     """Per-frame RMS level in dB relative to the loudest frame."""
     hop = max(1, int(FRAME_S * rate))
     n = max(1, len(audio) // hop)
@@ -90,7 +90,7 @@ def _frame_db(audio: np.ndarray, rate: int) -> np.ndarray:
 
 def _tighten(words: list[WordTiming], audio: np.ndarray, rate: int) -> list[WordTiming]:
     """Move each word's start past leading and its end before trailing silent frames."""
-    loud = _frame_db(audio, rate) > SILENCE_DB
+    loud = frame_db(audio, rate) > SILENCE_DB
     out = []
     for w in words:
         a, b = int(w.start / FRAME_S), int(np.ceil(w.end / FRAME_S))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -99,24 +99,53 @@ def converse(
 ) -> Conversation:
     """Run the mono user audio through one engine slot, frame by frame (the last frame padded
     with silence); text tokens in `pad_ids` are left out, `pieces` names the others."""
+    return converse_many(engine, [user_t], pieces, pad_ids)[0]
+
+
+def converse_many(
+    engine: Engine,
+    users: Sequence[np.ndarray],
+    pieces: Sequence[str] | None = None,
+    pad_ids: tuple = (),
+    progress: Callable[[int], object] | None = None,
+) -> list[Conversation]:
+    """`converse` for many recorded users at once: each takes a slot as one frees up and all
+    the busy slots step together (a conversation's `seconds` is the wall time of the steps
+    it was in). `progress(n)` is called as n conversations finish."""
     n = engine.frame_size
-    frames = -(-len(user_t) // n)
-    user = np.zeros(frames * n, np.float32)
-    user[: len(user_t)] = user_t
+    padded = []
+    for user_t in users:
+        user = np.zeros(-(-len(user_t) // n) * n, np.float32)
+        user[: len(user_t)] = user_t
+        padded.append(user)
     if not engine.busy.any():
         engine.warm_up()  # compile outside the timed frames
-    slot = engine.join()
-    model = np.zeros_like(user)
-    text: list[tuple[float, int, str]] = []
-    t0 = time.perf_counter()
-    for t in range(frames):
-        out = engine.step({slot: user[t * n : (t + 1) * n]})
-        model[t * n : (t + 1) * n] = out.audio[slot]
-        token = int(out.text[slot])
-        if out.valid[slot] and token not in pad_ids:
-            piece = pieces[token] if pieces is not None and token < len(pieces) else ""
-            text.append((t * n / engine.sample_rate, token, piece))
-    seconds = time.perf_counter() - t0
-    engine.leave(slot)
-    stereo = np.stack([model, user], axis=1)
-    return Conversation(stereo, engine.sample_rate, text, seconds, frames)
+    model = [np.zeros_like(u) for u in padded]
+    text: list[list[tuple[float, int, str]]] = [[] for _ in users]
+    seconds = [0.0] * len(users)
+    waiting, active = list(range(len(users))), {}  # active: slot -> (conversation, frame)
+    while waiting or active:
+        while waiting and not engine.busy.all():
+            active[engine.join()] = (waiting.pop(0), 0)
+        frames = {s: padded[i][t * n : (t + 1) * n] for s, (i, t) in active.items()}
+        t0 = time.perf_counter()
+        out = engine.step(frames)
+        dt = time.perf_counter() - t0
+        for slot, (i, t) in list(active.items()):
+            model[i][t * n : (t + 1) * n] = out.audio[slot]
+            seconds[i] += dt
+            token = int(out.text[slot])
+            if out.valid[slot] and token not in pad_ids:
+                piece = pieces[token] if pieces is not None and token < len(pieces) else ""
+                text[i].append((t * n / engine.sample_rate, token, piece))
+            if (t + 1) * n >= len(padded[i]):
+                engine.leave(slot)
+                del active[slot]
+                if progress is not None:
+                    progress(1)
+            else:
+                active[slot] = (i, t + 1)
+    return [
+        Conversation(np.stack([m, u], axis=1), engine.sample_rate, txt, sec, len(u) // n)
+        for m, u, txt, sec in zip(model, padded, text, seconds)
+    ]

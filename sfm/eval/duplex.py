@@ -1,0 +1,218 @@
+"""`sfm eval duplex`: turn-taking metrics of conversations, scored or generated.
+
+A dialogue set is laid out as `sfm data dialogues` writes it: `manifest.jsonl` (one
+{"path": "wav/NAME.wav", ...} per line), stereo WAVs (left = the model, right = the user),
+and beside each WAV its events (`NAME.events.json`, `sfm.data.dialogues.Event`s) and word
+alignments (`NAME.json`, optional: without them the user's words come from ASR).
+
+    score_dialogues("dialogues/", "out/")               # any system's conversations
+    converse_dialogues(engine, "held_out/", "out/")      # the model answers each user channel
+
+Both write out/metrics.json (`sfm.eval.turn_taking.aggregate`, plus what was skipped and
+why), out/report.md and its plots. A dialogue that cannot be read (missing or corrupt WAV,
+malformed events) is skipped with one line naming the file, and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+from tqdm import tqdm
+
+from sfm.data.dialogues import ASSISTANT, USER, Event
+from sfm.eval.report import write_duplex_report
+from sfm.eval.speech import Speech, Word, listen
+from sfm.eval.turn_taking import DialogueScore, aggregate, score_dialogue
+
+EVENT_KINDS = ("turn_end", "pause", "backchannel", "interruption")
+
+
+class DialogueError(ValueError):
+    """A dialogue that cannot be scored (the message names the file)."""
+
+
+@dataclass(frozen=True)
+class Dialogue:
+    """One conversation on disk and what the scorer needs of it."""
+
+    name: str
+    wav: Path
+    events: list[Event]
+    words: list[tuple[Word, str]] | None  # (word, speaker) from the alignments, if any
+
+
+def _events(path: Path) -> list[Event]:
+    try:
+        rows = json.loads(path.read_text())["events"]
+        events = [Event(**row) for row in rows]
+    except FileNotFoundError as e:
+        raise DialogueError(f"{path}: no events file") from e
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DialogueError(f"{path}: malformed events ({e})") from e
+    for e in events:
+        if e.kind not in EVENT_KINDS or not np.isfinite([e.start, e.end]).all():
+            raise DialogueError(f"{path}: bad event {e}")
+    return events
+
+
+def _alignments(path: Path) -> list[tuple[Word, str]] | None:
+    if not path.is_file():
+        return None
+    try:
+        rows = json.loads(path.read_text())["alignments"]
+        return [(Word(str(w), float(s), float(e)), str(spk)) for w, (s, e), spk in rows]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise DialogueError(f"{path}: malformed alignments ({e})") from e
+
+
+def read_dialogues(root: str | PathLike[str]) -> Iterator[Dialogue | DialogueError]:
+    """The dialogues of a set, in manifest order; an unreadable one comes as its error."""
+    root = Path(root)
+    manifest = root / "manifest.jsonl"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest}: no manifest (expected `sfm data dialogues` layout)")
+    for n, line in enumerate(manifest.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            wav = root / json.loads(line)["path"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            yield DialogueError(f"{manifest}:{n}: malformed row ({e})")
+            continue
+        stem = wav.with_suffix("")
+        try:
+            events = _events(stem.with_name(stem.name + ".events.json"))
+            yield Dialogue(stem.name, wav, events, _alignments(wav.with_suffix(".json")))
+        except DialogueError as e:
+            yield e
+
+
+def _channels(wav: Path) -> tuple[np.ndarray, int]:
+    try:
+        audio, rate = sf.read(str(wav), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, OSError) as e:
+        raise DialogueError(f"{wav}: unreadable audio ({e})") from e
+    if audio.shape[1] != 2:
+        raise DialogueError(f"{wav}: {audio.shape[1]} channels, expected 2 (model, user)")
+    if not np.isfinite(audio).all():
+        raise DialogueError(f"{wav}: non-finite samples")
+    return audio, rate
+
+
+def score(dialogue: Dialogue) -> tuple[DialogueScore, Speech, Speech | None]:
+    """One dialogue's score, the model channel's speech and (without alignments) the
+    user channel's."""
+    audio, rate = _channels(dialogue.wav)
+    model = listen(audio[:, 0], rate)
+    user_speech = None
+    if dialogue.words is None:
+        user_speech = listen(audio[:, 1], rate)
+        user_words, speaker_words = list(user_speech.words), []
+    else:
+        user_words = [w for w, spk in dialogue.words if spk == USER]
+        speaker_words = [w for w, spk in dialogue.words if spk == ASSISTANT]
+    scored = score_dialogue(dialogue.name, dialogue.events, model, user_words, speaker_words)
+    return scored, model, user_speech
+
+
+def score_dialogues(
+    dialogues: str | PathLike[str], out: str | PathLike[str], title: str = "Turn-taking"
+) -> dict[str, Any]:
+    """Score every dialogue of a set; write out/metrics.json and out/report.md."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    scores: list[DialogueScore] = []
+    skipped: list[str] = []
+    example = None
+    items = list(read_dialogues(dialogues))
+    for item in tqdm(items, desc="scoring dialogues", unit="dialogue"):
+        try:
+            if isinstance(item, DialogueError):
+                raise item
+            scored, model, _ = score(item)
+        except DialogueError as e:
+            print(f"eval duplex: skipped: {e}")
+            skipped.append(str(e))
+            continue
+        scores.append(scored)
+        if example is None:
+            example = (item, model)
+    metrics = aggregate(scores)
+    metrics["skipped"] = {"count": len(skipped), "reasons": skipped}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_duplex_report(out, title, metrics, scores, example)
+    return metrics
+
+
+def converse_dialogues(
+    engine: Any, dialogues: str | PathLike[str], out: str | PathLike[str], limit: int | None = None
+) -> dict[str, Any]:
+    """Feed each dialogue's user channel (right) through `engine` (an
+    `sfm.infer.engine.Engine`, as many at once as it has slots), write the conversations
+    (left: the model, right: the user) with the dialogues' events and alignments under
+    out/conversations, and score them."""
+    from sfm.data.audio import load_audio
+    from sfm.infer.converse import converse_many
+
+    out = Path(out)
+    wavs = out / "conversations" / "wav"
+    wavs.mkdir(parents=True, exist_ok=True)
+    kept, users, skipped = [], [], []
+    for item in read_dialogues(dialogues):
+        if limit is not None and len(kept) >= limit:
+            break
+        if isinstance(item, DialogueError):
+            print(f"eval duplex: skipped: {item}")
+            skipped.append(str(item))
+            continue
+        try:
+            users.append(load_audio(item.wav, engine.sample_rate, channel=1))
+        except Exception as e:  # noqa: BLE001 - any unreadable file is one skipped line
+            print(f"eval duplex: skipped: {item.wav}: unreadable audio ({e})")
+            skipped.append(f"{item.wav}: unreadable audio ({e})")
+            continue
+        kept.append(item)
+    with tqdm(total=len(kept), desc="conversations", unit="dialogue") as bar:
+        talks = converse_many(engine, users, progress=bar.update)
+    rows = []
+    for item, talk in zip(kept, talks):
+        target = wavs / f"{item.name}.wav"
+        talk.write(target)  # also target.json: the model's text tokens with times
+        target.with_suffix(".json").rename(wavs / f"{item.name}.text.json")
+        events = item.wav.with_suffix("").with_name(item.name + ".events.json")
+        shutil.copy(events, wavs / events.name)
+        if item.wav.with_suffix(".json").is_file():
+            shutil.copy(item.wav.with_suffix(".json"), target.with_suffix(".json"))
+        seconds = talk.stereo_tc.shape[0] / talk.sample_rate
+        rows.append({"path": f"wav/{target.name}", "duration": round(seconds, 4)})
+    manifest = out / "conversations" / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = score_dialogues(out / "conversations", out, title="Turn-taking (through the engine)")
+    metrics["skipped"]["count"] += len(skipped)
+    metrics["skipped"]["reasons"] = skipped + metrics["skipped"]["reasons"]
+    rtf = [t.real_time_factor for t in talks]
+    metrics["engine"] = {"slots": engine.slots, "real_time_factor": _mean_or_none(rtf)}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def _mean_or_none(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+__all__ = [
+    "Dialogue",
+    "DialogueError",
+    "converse_dialogues",
+    "read_dialogues",
+    "score",
+    "score_dialogues",
+]

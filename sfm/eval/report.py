@@ -1,0 +1,149 @@
+"""Markdown reports with plots for the evaluations (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sfm.eval.anchors import DUPLEX, lookup
+
+DUPLEX_ROWS = (  # (metrics.json path, label, better)
+    ("pause_handling.tor", "pause handling TOR", "lower"),
+    ("backchannel.tor", "backchannel TOR", "lower"),
+    ("backchannel.frequency", "backchannel frequency (1/s)", "higher"),
+    ("backchannel.jsd", "backchannel timing JSD", "lower"),
+    ("smooth_turn_taking.tor", "smooth turn-taking TOR", "higher"),
+    ("smooth_turn_taking.latency_s", "turn-taking latency (s)", "lower"),
+    ("user_interruption.tor", "user interruption TOR", "higher"),
+    ("user_interruption.latency_s", "interruption stop latency (s)", "lower"),
+    ("user_interruption.response_latency_s", "interruption response latency (s)", "lower"),
+    ("user_interruption.stop_rate", "stopped within 0.5 s", "higher"),
+)
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A table cell: numbers rounded, None as a dash."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """Lines of a Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def duplex_table(metrics: dict[str, Any]) -> list[str]:
+    """The turn-taking table: this set's figures beside the published systems'."""
+    header = ["metric", "better", "this set", *DUPLEX]
+    rows = [
+        [label, better, lookup(metrics, path), *(DUPLEX[s].get(path) for s in DUPLEX)]
+        for path, label, better in DUPLEX_ROWS
+    ]
+    return markdown_table(header, rows)
+
+
+def _tor_plot(path: Path, metrics: dict[str, Any]) -> None:
+    plt = _pyplot()
+    keys = [k for k, label, _ in DUPLEX_ROWS if k.endswith(".tor")]
+    systems = {"this set": {k: lookup(metrics, k) for k in keys}, **DUPLEX}
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    width = 0.8 / len(systems)
+    for i, (name, values) in enumerate(systems.items()):
+        heights = [values.get(k) or 0.0 for k in keys]
+        ax.bar(np.arange(len(keys)) + i * width, heights, width, label=name)
+    ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, [k.split(".")[0] for k in keys])
+    ax.set_ylabel("take-over rate")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, ncol=len(systems))
+    ax.set_title("Take-over rates (missing published values drawn as 0)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _latency_plot(path: Path, scores: Sequence[Any]) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    turn = [v for s in scores for v in s.turn_latency_s]
+    stop = [v for s in scores for v in s.stop_latency_s]
+    bins = np.linspace(0.0, 4.0, 21)
+    ax.hist([turn, stop], bins, label=["turn-taking latency", "interruption stop latency"])
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("events")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def timeline_plot(path: Path, dialogue: Any, model: Any, title: str = "") -> None:
+    """Both channels of one dialogue over time: the user's words (from its alignments), the
+    model's voice-active segments and recognized words, and the user's events."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(12, 2.8))
+    colors = {"turn_end": "tab:green", "pause": "tab:orange", "backchannel": "tab:purple",
+              "interruption": "tab:red"}  # fmt: skip
+    user = [w for w, spk in (dialogue.words or []) if spk == "SPEAKER_USER"]
+    ax.broken_barh([(w.start, w.end - w.start) for w in user], (0.6, 0.3), color="tab:blue")
+    ax.broken_barh([(a, b - a) for a, b in model.segments], (0.1, 0.3), color="tab:gray")
+    for w in model.words:
+        ax.text(w.start, 0.45, w.text, fontsize=6, rotation=45)
+    for e in dialogue.events:
+        ax.axvspan(e.start, max(e.end, e.start + 0.05), color=colors[e.kind], alpha=0.25)
+        ax.text(e.start, 1.0, e.kind, fontsize=7, color=colors[e.kind], rotation=30)
+    ax.set_yticks([0.25, 0.75], ["model (VAD, ASR)", "user (words)"])
+    ax.set_xlabel("seconds")
+    ax.set_ylim(0, 1.3)
+    ax.set_title(title or dialogue.name, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_duplex_report(
+    out: Path, title: str, metrics: dict[str, Any], scores: Sequence[Any], example: Any
+) -> Path:
+    """out/report.md with the turn-taking table, its plots and the per-dialogue rows."""
+    _tor_plot(out / "tor.png", metrics)
+    _latency_plot(out / "latency.png", scores)
+    lines = [f"# {title}", "", f"{len(scores)} dialogues scored, "
+             f"{metrics['skipped']['count']} skipped.", ""]  # fmt: skip
+    lines += duplex_table(metrics)
+    lines += [
+        "",
+        "Published figures: Full-Duplex-Bench v1 on real speech (context, not the same data).",
+        "",
+        "![take-over rates](tor.png)",
+        "",
+        "![latencies](latency.png)",
+    ]
+    if example is not None:
+        timeline_plot(out / "timeline.png", *example)
+        lines += ["", f"![{example[0].name}](timeline.png)"]
+    rows = metrics["dialogues"]
+    if rows:
+        lines += ["", "## Per dialogue", ""]
+        lines += markdown_table(list(rows[0]), [list(r.values()) for r in rows])
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+__all__ = ["duplex_table", "fmt", "markdown_table", "timeline_plot", "write_duplex_report"]

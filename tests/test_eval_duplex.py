@@ -1,0 +1,204 @@
+"""Turn-taking metrics on hand-built conversations whose answers are known.
+
+One synthetic dialogue (all four event kinds) supplies the user's side; the model's channel
+is built by hand to follow a policy: speak inside every pause, stay silent, answer 0.4 s after
+every turn end, stop 0.3 s after every barge-in. First on exact speech timelines (the metric
+definitions), then as audio through the VAD and the ASR (`sfm eval duplex --scored`)."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sfm.data.audio import save_audio
+from sfm.data.dialogues import ASSISTANT, SAMPLE_RATE, USER, Timeline, _voices, render_dialogue
+from sfm.data.synth import synthesize, voices
+from sfm.eval.speech import Speech, Word
+from sfm.eval.turn_taking import aggregate, floor, js_distance, score_dialogue, takes_turn
+
+SEED = 1  # a dialogue with pauses, turn ends, interruptions and a backchannel
+LATENCY_TOL_S = 0.1  # ASR word starts and VAD ends are 10-30 ms frames, plus the voice's onset
+
+
+@pytest.fixture(scope="module")
+def dialogue() -> Timeline:
+    assistant, user = _voices(random.Random(SEED))
+    tl = render_dialogue(SEED, assistant, user, exchanges=4)
+    kinds = {e.kind for e in tl.events}
+    assert kinds == {"pause", "turn_end", "interruption", "backchannel"}, kinds
+    return tl
+
+
+def _user_words(tl: Timeline) -> list[Word]:
+    return [Word(w, s, e) for w, s, e, spk in tl.words if spk == USER]
+
+
+def _said(start: float, seconds: float, words: int) -> Speech:
+    """Exact speech: one voice segment of `seconds` from `start` holding `words` words."""
+    step = seconds / words
+    return Speech(
+        ((start, start + seconds),),
+        tuple(Word(f"w{i}", start + i * step, start + (i + 1) * step) for i in range(words)),
+    )
+
+
+def _merge(*parts: Speech) -> Speech:
+    segments = sorted(s for p in parts for s in p.segments)
+    return Speech(tuple(segments), tuple(sorted((w for p in parts for w in p.words),
+                                                key=lambda w: w.start)))  # fmt: skip
+
+
+def _events(tl: Timeline, kind: str) -> list:
+    return [e for e in tl.events if e.kind == kind]
+
+
+def _metrics(tl: Timeline, model: Speech) -> dict:
+    speaker = [Word(w, s, e) for w, s, e, spk in tl.words if spk == ASSISTANT]
+    return aggregate([score_dialogue("d", tl.events, model, _user_words(tl), speaker)])
+
+
+def test_takes_turn_thresholds():
+    assert takes_turn(_said(0.0, 1.0, 1), 0.0, 5.0)  # 1 s of speech
+    assert takes_turn(_said(0.0, 0.5, 4), 0.0, 5.0)  # more than 3 words
+    assert not takes_turn(_said(0.0, 0.9, 3), 0.0, 5.0)
+    assert not takes_turn(_said(0.0, 2.0, 8), 2.5, 5.0)  # outside the window
+
+
+def test_speaking_in_every_pause(dialogue):
+    model = _merge(*(_said(e.start + 0.1, 2.0, 5) for e in _events(dialogue, "pause")))
+    m = _metrics(dialogue, model)
+    assert m["pause_handling"] == {"tor": 1.0, "events": 2}
+
+
+def test_silent_model(dialogue):
+    m = _metrics(dialogue, Speech((), ()))
+    assert m["pause_handling"]["tor"] == 0.0
+    assert m["smooth_turn_taking"]["tor"] == 0.0
+    assert m["smooth_turn_taking"]["latency_s"] is None
+    assert m["user_interruption"]["tor"] == 0.0
+    assert m["user_interruption"]["talking_at_barge_in"] == 0
+    assert m["backchannel"]["tor"] == 0.0 and m["backchannel"]["frequency"] == 0.0
+
+
+def test_answering_after_every_turn_end(dialogue):
+    model = _merge(*(_said(e.start + 0.4, 1.5, 5) for e in _events(dialogue, "turn_end")))
+    m = _metrics(dialogue, model)
+    assert m["smooth_turn_taking"]["tor"] == 1.0
+    assert m["smooth_turn_taking"]["latency_s"] == pytest.approx(0.4, abs=1e-9)
+    assert m["pause_handling"]["tor"] == 0.0
+
+
+def test_stopping_after_every_barge_in(dialogue):
+    parts = []
+    for e in _events(dialogue, "interruption"):
+        parts.append(_said(e.start - 1.5, 1.8, 6))  # talking, stops 0.3 s after the barge-in
+        parts.append(_said(e.end + 0.5, 1.5, 5))  # then answers the interruption
+    m = _metrics(dialogue, _merge(*parts))["user_interruption"]
+    assert m["latency_s"] == pytest.approx(0.3, abs=1e-9)
+    assert m["stop_rate"] == 1.0 and m["talking_at_barge_in"] == 2
+    assert m["tor"] == 1.0 and m["response_latency_s"] == pytest.approx(0.5, abs=1e-9)
+
+
+def test_backchannels(dialogue):
+    stretches = floor(_user_words(dialogue), dialogue.events, USER)
+    assert len(stretches) == 4  # the four user turns (pauses bridged), the backchannel apart
+    # one short "yeah" in the middle of every user turn: a backchannel, not a turn
+    model = _merge(*(_said((a + b) / 2, 0.4, 1) for a, b in stretches))
+    m = _metrics(dialogue, model)["backchannel"]
+    floor_s = sum(b - a for a, b in stretches)
+    assert m["model_backchannels"] == 4 and m["tor"] == 0.0
+    assert m["frequency"] == pytest.approx(4 / floor_s)
+    assert m["jsd"] is not None and 0.0 <= m["jsd"] <= 1.0
+
+
+def test_js_distance():
+    assert js_distance([0.1, 0.5, 0.9], [0.1, 0.5, 0.9]) == pytest.approx(0.0)
+    assert js_distance([0.05, 0.05], [0.95]) == pytest.approx(1.0)
+    assert js_distance([], [0.5]) is None
+
+
+# ---------------------------------------------------------------- through the VAD and the ASR
+
+
+def _write_set(root: Path, tl: Timeline, model_t: np.ndarray, name: str = "d0") -> None:
+    (root / "wav").mkdir(parents=True, exist_ok=True)
+    user = tl.stereo()[:, 1]
+    n = max(len(user), len(model_t))
+    stereo = np.zeros((n, 2), np.float32)
+    stereo[: len(model_t), 0], stereo[: len(user), 1] = model_t, user
+    save_audio(root / "wav" / f"{name}.wav", stereo, SAMPLE_RATE)
+    rows = [[w, [s, e], spk] for w, s, e, spk in tl.words]
+    (root / "wav" / f"{name}.json").write_text(json.dumps({"alignments": rows}))
+    events = {"events": [asdict(e) for e in tl.events]}
+    (root / "wav" / f"{name}.events.json").write_text(json.dumps(events))
+    with (root / "manifest.jsonl").open("a") as f:
+        f.write(json.dumps({"path": f"wav/{name}.wav"}) + "\n")
+
+
+def _model_channel(tl: Timeline, placements: list[tuple[float, float | None]]) -> np.ndarray:
+    """The model's channel: one clear sentence whose first word starts at each `start`,
+    cut at `stop` (None: whole)."""
+    reply = synthesize("The answer is seven and that is all.", voices("flite")[0])
+    track = Timeline()
+    lead = reply.words[0].start
+    for start, stop in placements:
+        track.place(reply, ASSISTANT, start - lead, stop=stop)
+    return track.left
+
+
+@pytest.fixture(scope="module")
+def scored(dialogue, tmp_path_factory) -> dict:
+    """One set of three conversations, each a policy, scored by `sfm eval duplex --scored`."""
+    from sfm.eval.duplex import score_dialogues
+
+    root = tmp_path_factory.mktemp("duplex")
+    turn_ends = [(e.start + 0.4, None) for e in _events(dialogue, "turn_end")]
+    barge_ins = [(e.start - 1.2, e.start + 0.3) for e in _events(dialogue, "interruption")]
+    _write_set(root / "answers", dialogue, _model_channel(dialogue, turn_ends))
+    _write_set(root / "stops", dialogue, _model_channel(dialogue, barge_ins))
+    _write_set(root / "silent", dialogue, np.zeros(SAMPLE_RATE, np.float32))
+    return {k: score_dialogues(root / k, root / f"{k}.out") for k in ("answers", "stops", "silent")}
+
+
+def test_scored_answers_after_turn_ends(scored):
+    m = scored["answers"]
+    assert m["smooth_turn_taking"]["tor"] == 1.0
+    assert m["smooth_turn_taking"]["latency_s"] == pytest.approx(0.4, abs=LATENCY_TOL_S)
+    assert m["pause_handling"]["tor"] == 0.0
+
+
+def test_scored_stops_after_barge_in(scored):
+    m = scored["stops"]["user_interruption"]
+    assert m["talking_at_barge_in"] == 2
+    assert m["latency_s"] == pytest.approx(0.3, abs=LATENCY_TOL_S)
+
+
+def test_scored_silent(scored):
+    m = scored["silent"]
+    assert m["pause_handling"]["tor"] == 0.0 and m["smooth_turn_taking"]["tor"] == 0.0
+    assert m["skipped"]["count"] == 0
+
+
+def test_scored_report_files(scored, tmp_path):
+    from sfm.eval.duplex import score_dialogues
+
+    root = tmp_path / "set"
+    (root / "wav").mkdir(parents=True)
+    (root / "wav" / "bad.wav").write_bytes(b"not audio")
+    (root / "wav" / "bad.events.json").write_text(json.dumps({"events": []}))
+    (root / "wav" / "noevents.wav").write_bytes(b"")
+    rows = [{"path": "wav/bad.wav"}, {"path": "wav/noevents.wav"}, "not json"]
+    (root / "manifest.jsonl").write_text("\n".join(
+        r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")  # fmt: skip
+    m = score_dialogues(root, tmp_path / "out")
+    assert m["skipped"]["count"] == 3
+    assert any("bad.wav: unreadable audio" in r for r in m["skipped"]["reasons"])
+    assert any("noevents.events.json: no events file" in r for r in m["skipped"]["reasons"])
+    assert m["smooth_turn_taking"]["tor"] is None  # no dialogue scored: no events
+    for name in ("metrics.json", "report.md", "tor.png", "latency.png"):
+        assert (tmp_path / "out" / name).is_file(), name
