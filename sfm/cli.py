@@ -328,6 +328,35 @@ def _export(args: argparse.Namespace) -> None:
     print(f"manifest: {manifest}")
 
 
+def _eval_codec(args: argparse.Namespace) -> None:
+    """`sfm eval codec`: a codec checkpoint beside codec2 and Opus on synthetic and real speech."""
+    from sfm.eval.codec_eval import eval_codec
+    from sfm.eval.report import codec_table
+
+    sets = None
+    if args.data:
+        sets = {Path(d).name: d for d in args.data}
+    results = eval_codec(args.checkpoint, args.out, sets, args.limit, args.config)
+    for set_name, result in results.items():
+        print(
+            f"{set_name}: {result['utterances']} utterances, {result['skipped']['count']} skipped"
+        )
+        print("\n".join(codec_table(result["rows"])))
+    print(f"{args.out}/metrics.json, {args.out}/report.md")
+
+
+def _eval_lm(args: argparse.Namespace) -> None:
+    """`sfm eval lm`: spot-the-word, grammar pairs, spoken QA and text perplexity."""
+    from sfm.eval.lm_eval import eval_lm
+    from sfm.eval.report import lm_table
+
+    metrics = eval_lm(
+        args.checkpoint, args.codec, args.tokenizer, args.out, args.pairs, args.questions
+    )
+    print("\n".join(lm_table(metrics)))
+    print(f"{args.out}/metrics.json, {args.out}/report.md")
+
+
 def _eval_duplex(args: argparse.Namespace) -> None:
     """`sfm eval duplex`: turn-taking metrics of scored conversations, or of the model's
     answers to held-out dialogues through the engine."""
@@ -522,6 +551,23 @@ def _eval_parser(commands: argparse._SubParsersAction) -> None:
     """`sfm eval ...`: the evaluations."""
     ev = commands.add_parser("eval", help="evaluate a checkpoint: metrics, report, plots")
     ev_cmds = ev.add_subparsers(dest="eval_command", required=True, metavar="WHAT")
+    cod = ev_cmds.add_parser("codec", help="codec vs codec2 / Opus: STOI, PESQ, WER, ...")
+    cod.add_argument("checkpoint", help="codec weights: sfm or Kyutai Mimi")
+    cod.add_argument("--config", help="codec preset or YAML (default: the checkpoint's)")
+    cod.add_argument(
+        "--data", nargs="*", help="manifest folders (default: flite speech + the real eval set)"
+    )
+    cod.add_argument("--out", required=True, help="folder for metrics.json, report.md, plots")
+    cod.add_argument("--limit", type=int, help="at most this many utterances per set")
+    cod.set_defaults(run=_eval_codec, jit=True)
+    elm = ev_cmds.add_parser("lm", help="spot-the-word, grammar pairs, spoken QA, perplexity")
+    elm.add_argument("checkpoint", help="LM run or weights (with a stored config)")
+    elm.add_argument("--codec", required=True, help="the codec the LM speaks through")
+    elm.add_argument("--tokenizer", required=True, help="the LM's SentencePiece model")
+    elm.add_argument("--out", required=True, help="folder for metrics.json, report.md, plots")
+    elm.add_argument("--pairs", type=int, default=64, help="pairs per spoken test")
+    elm.add_argument("--questions", type=int, default=24, help="spoken questions")
+    elm.set_defaults(run=_eval_lm, jit=True)
     dup = ev_cmds.add_parser("duplex", help="turn-taking (Full-Duplex-Bench v1 definitions)")
     dup.add_argument("--scored", help="score these conversations (`sfm data dialogues` layout)")
     dup.add_argument("--checkpoint", help="LM weights (a run): answer --dialogues through it")

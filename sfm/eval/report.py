@@ -117,6 +117,109 @@ def timeline_plot(path: Path, dialogue: Any, model: Any, title: str = "") -> Non
     plt.close(fig)
 
 
+CODEC_COLUMNS = (  # (metric, label)
+    ("bitrate_kbps", "kbit/s"),
+    ("mel_distance", "mel dist"),
+    ("si_sdr", "SI-SDR dB"),
+    ("stoi", "STOI"),
+    ("pesq_wb", "PESQ-WB"),
+    ("speaker_sim", "spk sim"),
+    ("wer", "WER"),
+)
+
+
+def codec_table(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """One set's codec table: a row per system (the original first)."""
+    header = ["system", *(label for _, label in CODEC_COLUMNS)]
+    body = [[name, *(row.get(k) for k, _ in CODEC_COLUMNS)] for name, row in rows.items()]
+    return markdown_table(header, body)
+
+
+def _codec_plot(path: Path, results: dict[str, Any]) -> None:
+    plt = _pyplot()
+    metrics = [("stoi", "STOI"), ("pesq_wb", "PESQ-WB"), ("speaker_sim", "speaker sim"),
+               ("wer", "WER (lower is better)")]  # fmt: skip
+    fig, axes = plt.subplots(len(results), len(metrics), figsize=(12, 2.6 * len(results)),
+                             squeeze=False)  # fmt: skip
+    for r, (set_name, result) in enumerate(results.items()):
+        names = [n for n in result["rows"] if n != "original"]
+        for c, (key, label) in enumerate(metrics):
+            ax = axes[r][c]
+            ax.barh(names, [result["rows"][n].get(key) or 0.0 for n in names], color="tab:blue")
+            original = result["rows"]["original"].get(key)
+            if original is not None:
+                ax.axvline(original, color="k", linestyle="--", linewidth=1)
+            ax.set_title(f"{label}: {set_name}", fontsize=8)
+            ax.tick_params(labelsize=7)
+    fig.suptitle("Codec quality (dashed: the original)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_codec_report(out: Path, results: dict[str, Any]) -> Path:
+    """out/report.md: a codec table per set and the bar plot."""
+    _codec_plot(out / "codec.png", results)
+    lines = ["# Codec evaluation", ""]
+    for set_name, result in results.items():
+        lines += [f"## {set_name} ({result['utterances']} utterances, "
+                  f"{result['skipped']['count']} skipped)", ""]  # fmt: skip
+        lines += codec_table(result["rows"]) + [""]
+    lines += [
+        "Resyntheses are aligned to the original before measuring; WER is pocketsphinx's "
+        "(the original's row is the recognizer's own error). Published context (LibriSpeech "
+        "test-clean): Kyutai Mimi, 8 codebooks (1.1 kbit/s): STOI 0.91, PESQ-WB 2.25, "
+        "speaker similarity 0.73.",
+        "",
+        "![codec quality](codec.png)",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def lm_table(metrics: dict[str, Any]) -> list[str]:
+    """The speech-LM table: each measurement beside its chance level."""
+    sw, gr, qa, tx = (metrics[k] for k in ("spot_the_word", "grammar", "spoken_qa", "text"))
+    rows = [
+        ["spot-the-word accuracy (semantic codebook)", sw["semantic"], sw["chance"]],
+        ["spot-the-word accuracy (all codebooks)", sw["all_codebooks"], sw["chance"]],
+        ["grammar accuracy (semantic codebook)", gr["semantic"], gr["chance"]],
+        ["grammar accuracy (all codebooks)", gr["all_codebooks"], gr["chance"]],
+        ["spoken QA accuracy (text stream)", qa["by_text"], qa["chance"]],
+        ["spoken QA accuracy (ASR of its audio)", qa["by_asr"], qa["chance"]],
+        ["text perplexity (held-out lines)", tx["perplexity"], tx["uniform_perplexity"]],
+    ]
+    return markdown_table(["measurement", "model", "chance"], rows)
+
+
+def write_lm_report(out: Path, metrics: dict[str, Any]) -> Path:
+    """out/report.md: the speech-LM table, a bar plot and the QA transcripts."""
+    plt = _pyplot()
+    names = ["spot-the-word", "grammar", "QA (text)", "QA (ASR)"]
+    values = [metrics["spot_the_word"]["semantic"], metrics["grammar"]["semantic"],
+              metrics["spoken_qa"]["by_text"], metrics["spoken_qa"]["by_asr"]]  # fmt: skip
+    chance = [0.5, 0.5, 0.0, 0.0]
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.bar(names, values, color="tab:blue", label="model")
+    ax.scatter(names, chance, color="k", marker="_", s=400, label="chance", zorder=3)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "lm.png", dpi=100)
+    plt.close(fig)
+    lines = ["# Speech LM evaluation", "", *lm_table(metrics), "", "![accuracies](lm.png)", ""]
+    lines += ["## Spoken QA", ""]
+    lines += markdown_table(
+        ["question", "answer", "text stream", "ASR of the audio"],
+        [[r["question"], r["answer"], r["text"], r["asr"]] for r in metrics["spoken_qa"]["rows"]],
+    )
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def write_duplex_report(
     out: Path, title: str, metrics: dict[str, Any], scores: Sequence[Any], example: Any
 ) -> Path:
@@ -146,4 +249,14 @@ def write_duplex_report(
     return path
 
 
-__all__ = ["duplex_table", "fmt", "markdown_table", "timeline_plot", "write_duplex_report"]
+__all__ = [
+    "lm_table",
+    "write_lm_report",
+    "codec_table",
+    "write_codec_report",
+    "duplex_table",
+    "fmt",
+    "markdown_table",
+    "timeline_plot",
+    "write_duplex_report",
+]
