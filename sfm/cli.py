@@ -357,6 +357,16 @@ def _eval_lm(args: argparse.Namespace) -> None:
     print(f"{args.out}/metrics.json, {args.out}/report.md")
 
 
+def _eval_all(args: argparse.Namespace) -> None:
+    """`sfm eval all`: codec, speech-LM and turn-taking evaluations of one run."""
+    from sfm.eval.suite import eval_all, run_files
+
+    files = run_files(args.run_dir, args.codec, args.lm, args.tokenizer)
+    out = args.out or str(Path(args.run_dir) / "eval")
+    eval_all(args.run_dir, out, files, args.dialogues, args.utterances, args.dialogue_count)
+    print(Path(out, "report.md").read_text())
+
+
 def _eval_duplex(args: argparse.Namespace) -> None:
     """`sfm eval duplex`: turn-taking metrics of scored conversations, or of the model's
     answers to held-out dialogues through the engine."""
@@ -560,6 +570,16 @@ def _eval_parser(commands: argparse._SubParsersAction) -> None:
     cod.add_argument("--out", required=True, help="folder for metrics.json, report.md, plots")
     cod.add_argument("--limit", type=int, help="at most this many utterances per set")
     cod.set_defaults(run=_eval_codec, jit=True)
+    eal = ev_cmds.add_parser("all", help="codec + speech LM + turn-taking of a run, one report")
+    eal.add_argument("run_dir", metavar="RUN", help="a quickstart-layout folder (codec/, duplex/)")
+    eal.add_argument("--out", help="output folder (default: RUN/eval)")
+    eal.add_argument("--codec", help="codec weights (default: RUN/codec/codec.safetensors)")
+    eal.add_argument("--lm", help="LM run (default: RUN/duplex, RUN/pretrain or RUN)")
+    eal.add_argument("--tokenizer", help="SentencePiece model (default: RUN/tokens/text.model)")
+    eal.add_argument("--dialogues", help="held-out dialogues (default: made, seed 7)")
+    eal.add_argument("--utterances", type=int, default=24, help="codec utterances per set")
+    eal.add_argument("--dialogue-count", type=int, default=50, help="held-out dialogues")
+    eal.set_defaults(run=_eval_all, jit=True)
     elm = ev_cmds.add_parser("lm", help="spot-the-word, grammar pairs, spoken QA, perplexity")
     elm.add_argument("checkpoint", help="LM run or weights (with a stored config)")
     elm.add_argument("--codec", required=True, help="the codec the LM speaks through")

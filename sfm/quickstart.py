@@ -8,9 +8,12 @@
     pretrain/    interleaved speech-text pretraining of the tiny LM (pretrain.yaml)
     duplex/      duplex fine-tuning from the pretraining export (duplex.yaml)
     reply.wav    the engine's live answer to a held-out dialogue's user channel (+ reply.json)
+    eval/        `sfm eval codec` (beside codec2 and Opus) and `sfm eval duplex` (turn-taking
+                 on 50 held-out dialogues through the engine), each with its report
     report.md    loss curves (PNG) and metrics: codec mel distance / SI-SDR against the
                  untrained codec, held-out LM text and semantic-codebook cross-entropy
-                 against the unigram entropy of the same targets
+                 against the unigram entropy of the same targets, the codec and turn-taking
+                 tables
 
 A stage whose output is complete is skipped on a rerun (training resumes from its last
 checkpoint). `--steps-scale` multiplies every training length (0.05 for a smoke run).
@@ -45,6 +48,7 @@ DIALOGUE_MINUTES = 20.0
 TEXT_LINES = 20000
 VALIDATION_FRACTION = 0.1
 EVAL_BATCHES = 16
+EVAL_UTTERANCES = 8  # per codec evaluation set
 VOCAB = 512  # = lm.text_card of configs/quickstart/pretrain.yaml
 
 
@@ -61,6 +65,9 @@ class Report:
     codec: dict[str, float] = field(default_factory=dict)
     lm: dict[str, dict[str, float]] = field(default_factory=dict)
     reply: dict[str, str] = field(default_factory=dict)
+    codec_eval: dict[str, Any] = field(default_factory=dict)  # `sfm eval codec`'s results
+    duplex_eval: dict[str, Any] = field(default_factory=dict)  # `sfm eval duplex`'s metrics
+    duplex_reference: dict[str, Any] = field(default_factory=dict)  # the data's own assistant
 
 
 def _stage(report: Report, name: str, fn: Callable[[], Any]) -> Any:
@@ -287,6 +294,26 @@ def generate_reply(
     }
 
 
+def evaluate_against_anchors(out: Path, scale: float) -> tuple[dict, dict, dict]:
+    """The codec beside codec2 / Opus on flite and real speech, and the duplex model's
+    turn-taking on held-out dialogues (50, synthesized apart with a seed of their own;
+    fewer in a shortened run) through the engine, beside the dialogues' own assistant
+    channel scored the same way: `sfm eval codec` and `sfm eval duplex`."""
+    from sfm.eval.codec_eval import default_sets, eval_codec
+    from sfm.eval.duplex import converse_dialogues, score_dialogues
+    from sfm.eval.suite import duplex_engine, held_out_dialogues, run_files
+
+    size = min(1.0, scale)
+    utterances, dialogues = max(2, round(EVAL_UTTERANCES * size)), max(4, round(50 * size))
+    files = run_files(out)
+    sets = default_sets(out / "eval", utterances)
+    codec = eval_codec(files.codec, out / "eval" / "codec", sets, utterances)
+    held_out = held_out_dialogues(out / "eval", dialogues)
+    duplex = converse_dialogues(duplex_engine(files), held_out, out / "eval" / "duplex", dialogues)
+    reference = score_dialogues(held_out, out / "eval" / "duplex_reference", limit=dialogues)
+    return codec, duplex, reference
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -322,7 +349,9 @@ def plot_runs(out: Path) -> None:
 
 
 def write_report(report: Report) -> Path:
-    """report.md: stage times, codec and LM metrics, the reply."""
+    """report.md: stage times, codec and LM metrics, the evaluations, the reply."""
+    from sfm.eval.report import codec_table, duplex_table
+
     c = report.codec
     lines = [
         "# sfm quickstart",
@@ -355,7 +384,20 @@ def write_report(report: Report) -> Path:
                 f"| {run} | {name} | {ce:.3f} | {base:.3f} | {ce / base:.2f} | "
                 f"{int(m[f'{stream}_positions'])} |"
             )
-    lines += ["", "![lm](lm.png)", "", "## Reply (reply.wav: left generated, right user)", ""]
+    lines += ["", "![lm](lm.png)", ""]
+    for set_name, result in report.codec_eval.items():
+        lines += [f"## Codec beside classical codecs: {set_name} ({result['utterances']} "
+                  "utterances)", "", *codec_table(result["rows"]), ""]  # fmt: skip
+    if report.codec_eval:
+        lines += ["WER: pocketsphinx (the original's row is the recognizer's own). Details: "
+                  "eval/codec/report.md.", ""]  # fmt: skip
+    if report.duplex_eval:
+        n = len(report.duplex_eval["dialogues"])
+        lines += [f"## Turn-taking ({n} held-out dialogues, through the engine)", ""]
+        lines += [*duplex_table(report.duplex_eval, report.duplex_reference), ""]
+        lines += ["Published figures: Full-Duplex-Bench v1 on real speech, for context. "
+                  "Plots: eval/duplex/report.md.", ""]  # fmt: skip
+    lines += ["## Reply (reply.wav: left generated, right user)", ""]
     lines += [f"- {k}: {v}" for k, v in report.reply.items()]
     path = report.out / "report.md"
     path.write_text("\n".join(lines) + "\n")
@@ -422,6 +464,9 @@ def run_quickstart(out: Path = DEFAULT_OUT, steps_scale: float = 1.0) -> Report:
         )
 
     _stage(report, "evaluate", evaluate)
+    report.codec_eval, report.duplex_eval, report.duplex_reference = _stage(
+        report, "eval", lambda: evaluate_against_anchors(out, steps_scale)
+    )
     report.reply = _stage(
         report,
         "reply",

@@ -90,8 +90,8 @@ def test_classical_bitrates(speech, tmp_path):
 def test_eval_codec_command(tmp_path, speech):
     """`sfm eval codec` on a tiny random codec: every row and metric, a skipped file named."""
     from sfm.cli import main
-    from sfm.io.codec import build_codec, load_run_config
     from sfm.config import dump_yaml
+    from sfm.io.codec import build_codec, load_run_config
     from sfm.io.params import save_params
 
     cfg = load_run_config("tiny", None, ())

@@ -41,6 +41,7 @@ def test_every_stage_ran_and_training_lowered_the_losses(
         "pretrain",
         "duplex",
         "evaluate",
+        "eval",
         "reply",
     ]
     mel = _losses(out / "codec" / "metrics.jsonl", "mel")
@@ -68,6 +69,13 @@ def test_report_and_reply(run: tuple[Path, quickstart.Report]) -> None:
     assert info.samplerate == 24000 and info.channels == 2
     assert abs(info.frames / info.samplerate - float(report.reply["seconds"])) < 0.1
     assert report.reply["reference assistant text"]
+    # the evaluations against the anchors: both codec sets, the held-out dialogues
+    assert "codec2 1200 bit/s" in text and "smooth turn-taking TOR" in text
+    assert set(report.codec_eval) == {"synthetic (flite)", "real speech"}
+    assert report.duplex_eval["skipped"]["count"] == 0
+    assert len(report.duplex_eval["dialogues"]) == 4  # 50 at full length
+    for name in ("codec/report.md", "duplex/report.md", "duplex/timeline.png"):
+        assert (out / "eval" / name).is_file(), name
 
 
 def test_rerun_skips_finished_stages(run: tuple[Path, quickstart.Report]) -> None:

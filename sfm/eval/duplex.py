@@ -124,15 +124,19 @@ def score(dialogue: Dialogue) -> tuple[DialogueScore, Speech, Speech | None]:
 
 
 def score_dialogues(
-    dialogues: str | PathLike[str], out: str | PathLike[str], title: str = "Turn-taking"
+    dialogues: str | PathLike[str],
+    out: str | PathLike[str],
+    title: str = "Turn-taking",
+    limit: int | None = None,
 ) -> dict[str, Any]:
-    """Score every dialogue of a set; write out/metrics.json and out/report.md."""
+    """Score every dialogue of a set (the first `limit`); write out/metrics.json and
+    out/report.md."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     scores: list[DialogueScore] = []
     skipped: list[str] = []
     example = None
-    items = list(read_dialogues(dialogues))
+    items = list(read_dialogues(dialogues))[:limit]
     for item in tqdm(items, desc="scoring dialogues", unit="dialogue"):
         try:
             if isinstance(item, DialogueError):

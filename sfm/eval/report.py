@@ -49,13 +49,17 @@ def _pyplot() -> Any:
     return plt
 
 
-def duplex_table(metrics: dict[str, Any]) -> list[str]:
-    """The turn-taking table: this set's figures beside the published systems'."""
-    header = ["metric", "better", "this set", *DUPLEX]
-    rows = [
-        [label, better, lookup(metrics, path), *(DUPLEX[s].get(path) for s in DUPLEX)]
-        for path, label, better in DUPLEX_ROWS
-    ]
+def duplex_table(metrics: dict[str, Any], reference: dict[str, Any] | None = None) -> list[str]:
+    """The turn-taking table: this set's figures (and, given, those of the dialogues' own
+    assistant channel: the best this data allows) beside the published systems'."""
+    ours = ["this set"] if reference is None else ["model", "reference assistant"]
+    header = ["metric", "better", *ours, *DUPLEX]
+    rows = []
+    for path, label, better in DUPLEX_ROWS:
+        values = [lookup(metrics, path)]
+        if reference is not None:
+            values.append(lookup(reference, path))
+        rows.append([label, better, *values, *(DUPLEX[s].get(path) for s in DUPLEX)])
     return markdown_table(header, rows)
 
 
