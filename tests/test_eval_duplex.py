@@ -202,3 +202,27 @@ def test_scored_report_files(scored, tmp_path):
     assert m["smooth_turn_taking"]["tor"] is None  # no dialogue scored: no events
     for name in ("metrics.json", "report.md", "tor.png", "latency.png"):
         assert (tmp_path / "out" / name).is_file(), name
+
+
+def test_converse_command(dialogue, tmp_path):
+    """`sfm eval duplex --config tiny --dialogues DIR`: each user channel through the engine
+    (tiny random weights), the conversations written beside their events, then scored."""
+    from sfm.cli import main
+
+    held_out = tmp_path / "held_out"
+    _write_set(held_out, dialogue, np.zeros(SAMPLE_RATE, np.float32), "d0")
+    _write_set(held_out, dialogue, np.zeros(SAMPLE_RATE, np.float32), "d1")
+    out = tmp_path / "out"
+    argv = ["eval", "duplex", "--config", "tiny", "--dialogues", str(held_out), "--out", str(out)]
+    assert main([*argv, "--slots", "2", "--limit", "1"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert [r["dialogue"] for r in m["dialogues"]] == ["d0"]  # --limit
+    assert m["smooth_turn_taking"]["events"] == 4 and m["engine"]["slots"] == 2
+    import soundfile as sf
+
+    stereo, rate = sf.read(out / "conversations" / "wav" / "d0.wav")
+    user = sf.read(held_out / "wav" / "d0.wav")[0][:, 1]
+    assert rate == SAMPLE_RATE and stereo.shape[1] == 2
+    np.testing.assert_allclose(stereo[: len(user), 1], user, atol=1e-4)  # the user as heard
+    for name in ("d0.events.json", "d0.json", "d0.text.json"):
+        assert (out / "conversations" / "wav" / name).is_file(), name

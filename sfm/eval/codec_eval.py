@@ -238,7 +238,7 @@ def default_sets(out: Path, utterances: int = 24) -> dict[str, Path]:
 
     sets = {"synthetic (flite)": out / "sets" / "flite", "real speech": out / "sets" / "real"}
     if not (sets["synthetic (flite)"] / "manifest.jsonl").is_file():
-        minutes = utterances * 8 / 60  # utterances run 4-12 s
+        minutes = utterances * 12 / 60  # utterances run 4-12 s
         print(synth_corpus(sets["synthetic (flite)"], minutes, engine="flite", seed=11).line())
     if not (sets["real speech"] / "manifest.jsonl").is_file():
         print(build_eval_set(sets["real speech"]).line())
