@@ -335,7 +335,8 @@ def _eval_codec(args: argparse.Namespace) -> None:
 
     sets = None
     if args.data:
-        sets = {Path(d).name: d for d in args.data}
+        names = [Path(d).name for d in args.data]
+        sets = {(n if names.count(n) == 1 else d): d for n, d in zip(names, args.data)}
     results = eval_codec(args.checkpoint, args.out, sets, args.limit, args.config)
     for set_name, result in results.items():
         print(
@@ -362,8 +363,11 @@ def _eval_all(args: argparse.Namespace) -> None:
     from sfm.eval.suite import eval_all, run_files
 
     files = run_files(args.run_dir, args.codec, args.lm, args.tokenizer)
-    out = args.out or str(Path(args.run_dir) / "eval")
-    eval_all(args.run_dir, out, files, args.dialogues, args.utterances, args.dialogue_count)
+    out = args.out or str(Path(args.run_dir) / "eval_all")
+    eval_all(
+        args.run_dir, out, files, args.dialogues, args.utterances, args.dialogue_count,
+        args.pairs, args.questions,
+    )  # fmt: skip
     print(Path(out, "report.md").read_text())
 
 
@@ -376,16 +380,16 @@ def _eval_duplex(args: argparse.Namespace) -> None:
     if (args.scored is None) == (args.checkpoint is None and args.config is None):
         raise SfmError("eval duplex: give --scored DIR, or --checkpoint RUN --dialogues DIR")
     if args.scored is not None:
-        metrics = score_dialogues(args.scored, args.out)
+        metrics = score_dialogues(args.scored, args.out, limit=args.limit)
     else:
+        from sfm.eval.suite import eval_sampling
         from sfm.infer.converse import load_models
         from sfm.infer.engine import Engine
-        from sfm.lm.generate import SamplingConfig
 
         if args.dialogues is None:
             raise SfmError("eval duplex --checkpoint: give --dialogues DIR (held-out dialogues)")
-        codec, lm, _ = load_models(args.checkpoint, args.config, args.codec, args.overrides)
-        sampling = SamplingConfig(temp=args.temp, top_k=args.top_k, greedy=args.greedy)
+        codec, lm, cfg = load_models(args.checkpoint, args.config, args.codec, args.overrides)
+        sampling = eval_sampling(cfg.lm.card, args.temp, args.top_k, args.greedy)
         engine = Engine(codec, lm, args.slots, sampling, seed=args.seed, weights=args.weights)
         metrics = converse_dialogues(engine, args.dialogues, args.out, args.limit)
     print("\n".join(duplex_table(metrics)))
@@ -572,13 +576,15 @@ def _eval_parser(commands: argparse._SubParsersAction) -> None:
     cod.set_defaults(run=_eval_codec, jit=True)
     eal = ev_cmds.add_parser("all", help="codec + speech LM + turn-taking of a run, one report")
     eal.add_argument("run_dir", metavar="RUN", help="a quickstart-layout folder (codec/, duplex/)")
-    eal.add_argument("--out", help="output folder (default: RUN/eval)")
+    eal.add_argument("--out", help="output folder (default: RUN/eval_all)")
     eal.add_argument("--codec", help="codec weights (default: RUN/codec/codec.safetensors)")
     eal.add_argument("--lm", help="LM run (default: RUN/duplex, RUN/pretrain or RUN)")
     eal.add_argument("--tokenizer", help="SentencePiece model (default: RUN/tokens/text.model)")
     eal.add_argument("--dialogues", help="held-out dialogues (default: made, seed 7)")
     eal.add_argument("--utterances", type=int, default=24, help="codec utterances per set")
     eal.add_argument("--dialogue-count", type=int, default=50, help="held-out dialogues")
+    eal.add_argument("--pairs", type=int, default=64, help="pairs per spoken LM test")
+    eal.add_argument("--questions", type=int, default=24, help="spoken questions")
     eal.set_defaults(run=_eval_all, jit=True)
     elm = ev_cmds.add_parser("lm", help="spot-the-word, grammar pairs, spoken QA, perplexity")
     elm.add_argument("checkpoint", help="LM run or weights (with a stored config)")
@@ -598,7 +604,7 @@ def _eval_parser(commands: argparse._SubParsersAction) -> None:
     dup.add_argument("--limit", type=int, help="at most this many dialogues")
     dup.add_argument("--slots", type=int, default=8, help="conversations run at once")
     dup.add_argument("--temp", type=float, default=0.8, help="audio sampling temperature")
-    dup.add_argument("--top-k", type=int, default=250, help="audio top-k")
+    dup.add_argument("--top-k", type=int, help="audio top-k (default: half the codebook)")
     dup.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
     dup.add_argument("--seed", type=int, default=0, help="sampling seed")
     dup.add_argument("--weights", default="float32", choices=WEIGHT_FORMATS, help="LM weights")

@@ -266,17 +266,16 @@ def generate_reply(
     model, right: the user) and reply.json (its text with times) and return both texts."""
     from sfm.data.audio import load_audio
     from sfm.data.tokenizer import load_tokenizer
+    from sfm.eval.suite import eval_sampling
     from sfm.infer.converse import converse
     from sfm.infer.engine import Engine
     from sfm.io.codec import build_codec, load_run_config
-    from sfm.lm.generate import SamplingConfig
     from sfm.lm.layout import TEXT_EPAD, TEXT_PAD
 
     record = next(_records(shard))
     codec = build_codec(load_run_config(None, codec_ckpt, ()), codec_ckpt)
     user_t = load_audio(corpus / "dialogues" / record["path"], codec.cfg.sample_rate, channel=1)
-    sampling = SamplingConfig(temp=0.8, top_k=cfg.lm.card // 2, temp_text=0.7, top_k_text=25)
-    engine = Engine(codec, _load_lm(cfg, weights), 1, sampling, seed=cfg.seed)
+    engine = Engine(codec, _load_lm(cfg, weights), 1, eval_sampling(cfg.lm.card), seed=cfg.seed)
     talk = converse(engine, user_t, pad_ids=(TEXT_PAD, TEXT_EPAD))
     talk.write(out / "reply.wav")
     sp = load_tokenizer(spm)
@@ -395,8 +394,11 @@ def write_report(report: Report) -> Path:
         n = len(report.duplex_eval["dialogues"])
         lines += [f"## Turn-taking ({n} held-out dialogues, through the engine)", ""]
         lines += [*duplex_table(report.duplex_eval, report.duplex_reference), ""]
-        lines += ["Published figures: Full-Duplex-Bench v1 on real speech, for context. "
-                  "Plots: eval/duplex/report.md.", ""]  # fmt: skip
+        lines += ["The reference assistant is the held-out dialogues' own assistant channel "
+                  "scored the same way: the best this data allows under the benchmark's rules "
+                  "(a one-word reply does not take the turn). Published figures: "
+                  "Full-Duplex-Bench v1 on real speech, for context. Plots: "
+                  "eval/duplex/report.md.", ""]  # fmt: skip
     lines += ["## Reply (reply.wav: left generated, right user)", ""]
     lines += [f"- {k}: {v}" for k, v in report.reply.items()]
     path = report.out / "report.md"

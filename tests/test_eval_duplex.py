@@ -19,7 +19,13 @@ from sfm.data.audio import save_audio
 from sfm.data.dialogues import ASSISTANT, SAMPLE_RATE, USER, Timeline, _voices, render_dialogue
 from sfm.data.synth import synthesize, voices
 from sfm.eval.speech import Speech, Word
-from sfm.eval.turn_taking import aggregate, floor, js_distance, score_dialogue, takes_turn
+from sfm.eval.turn_taking import (
+    aggregate,
+    floor,
+    js_distance,
+    score_dialogue,
+    takes_turn,
+)
 
 SEED = 1  # a dialogue with pauses, turn ends, interruptions and a backchannel
 LATENCY_TOL_S = 0.1  # ASR word starts and VAD ends are 10-30 ms frames, plus the voice's onset
@@ -113,7 +119,28 @@ def test_backchannels(dialogue):
     floor_s = sum(b - a for a, b in stretches)
     assert m["model_backchannels"] == 4 and m["tor"] == 0.0
     assert m["frequency"] == pytest.approx(4 / floor_s)
-    assert m["jsd"] is not None and 0.0 <= m["jsd"] <= 1.0
+    # the listener's (user's) one backchannel, placed within the assistant's stretch
+    speaker = [Word(w, s, e) for w, s, e, spk in dialogue.words if spk == ASSISTANT]
+    (bc,) = _events(dialogue, "backchannel")
+    ((a, b),) = [(a, b) for a, b in floor(speaker, dialogue.events, ASSISTANT) if a <= bc.start < b]
+    listener = (bc.start - a) / (b - a)
+    assert m["jsd"] == pytest.approx(js_distance([0.5] * 4, [listener]))
+    assert (m["jsd"] == 0.0) == (int(listener * 10) == 5)  # same bin or a distance
+
+
+def test_overlapping_reply_and_unanswerable_events(dialogue):
+    """A reply starting 0.1 s before the turn end counts from its start; events without 2 s
+    of recording after them cannot be answered and are left out, counted."""
+    turn_ends = _events(dialogue, "turn_end")
+    model = _merge(*(_said(e.start - 0.1, 1.5, 5) for e in turn_ends))
+    speaker = [Word(w, s, e) for w, s, e, spk in dialogue.words if spk == ASSISTANT]
+    end = turn_ends[-1].start + 1.0  # the recording stops 1 s after the last turn end
+    scored = score_dialogue("d", dialogue.events, model, _user_words(dialogue), speaker, end)
+    m = aggregate([scored])
+    assert m["smooth_turn_taking"]["latency_s"] == pytest.approx(-0.1, abs=1e-9)
+    assert m["smooth_turn_taking"]["events"] == len(turn_ends) - 1
+    late = [e for e in dialogue.events if e.kind == "interruption" and end - e.end < 2.0]
+    assert m["unscored_events"] == 1 + len(late) and scored.row()["unscored"] == 1 + len(late)
 
 
 def test_js_distance():
@@ -192,11 +219,16 @@ def test_scored_report_files(scored, tmp_path):
     (root / "wav" / "bad.wav").write_bytes(b"not audio")
     (root / "wav" / "bad.events.json").write_text(json.dumps({"events": []}))
     (root / "wav" / "noevents.wav").write_bytes(b"")
-    rows = [{"path": "wav/bad.wav"}, {"path": "wav/noevents.wav"}, "not json"]
+    (root / "wav" / "null.wav").write_bytes(b"")
+    null = {"kind": "pause", "speaker": USER, "start": None, "end": 1.0}
+    (root / "wav" / "null.events.json").write_text(json.dumps({"events": [null]}))
+    rows = [{"path": "wav/bad.wav"}, {"path": "wav/noevents.wav"}, "not json",
+            {"path": "wav/null.wav"}]  # fmt: skip
     (root / "manifest.jsonl").write_text("\n".join(
         r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")  # fmt: skip
     m = score_dialogues(root, tmp_path / "out")
-    assert m["skipped"]["count"] == 3
+    assert m["skipped"]["count"] == 4
+    assert any("null.events.json: malformed events" in r for r in m["skipped"]["reasons"])
     assert any("bad.wav: unreadable audio" in r for r in m["skipped"]["reasons"])
     assert any("noevents.events.json: no events file" in r for r in m["skipped"]["reasons"])
     assert m["smooth_turn_taking"]["tor"] is None  # no dialogue scored: no events
@@ -226,3 +258,27 @@ def test_converse_command(dialogue, tmp_path):
     np.testing.assert_allclose(stereo[: len(user), 1], user, atol=1e-4)  # the user as heard
     for name in ("d0.events.json", "d0.json", "d0.text.json"):
         assert (out / "conversations" / "wav" / name).is_file(), name
+
+
+def test_converse_many_shares_slots():
+    """Three users of different lengths on two slots: the third joins when a slot frees, each
+    conversation keeps its own frames, and every slot is free afterwards."""
+    from sfm.infer.converse import converse_many, load_models
+    from sfm.infer.engine import Engine
+
+    codec, lm, _ = load_models(config="tiny")
+    engine = Engine(codec, lm, 2)
+    n = engine.frame_size
+    rng = np.random.default_rng(0)
+    users = [0.1 * rng.standard_normal(k * n - 7).astype(np.float32) for k in (5, 2, 4)]
+    done = []
+    talks = converse_many(engine, users, progress=done.append)
+    assert done == [1, 1, 1] and not engine.busy.any()
+    assert [t.frames for t in talks] == [5, 2, 4]
+    for user, talk in zip(users, talks):
+        assert talk.stereo_tc.shape == (talk.frames * n, 2)
+        np.testing.assert_array_equal(talk.stereo_tc[: len(user), 1], user)
+        assert all(0 <= t < talk.frames * n / engine.sample_rate for t, _, _ in talk.text)
+    with pytest.raises(ValueError, match="conversation 1: the user's audio is empty"):
+        converse_many(engine, [users[0], np.zeros(0, np.float32)])
+    assert not engine.busy.any()

@@ -78,6 +78,23 @@ def test_report_and_reply(run: tuple[Path, quickstart.Report]) -> None:
         assert (out / "eval" / name).is_file(), name
 
 
+def test_eval_all_on_the_run(run: tuple[Path, quickstart.Report]) -> None:
+    """`sfm eval all` on the quickstart's folder: codec, speech-LM and turn-taking reports."""
+    from sfm.cli import main
+
+    out, _ = run
+    argv = ["eval", "all", str(out), "--utterances", "2", "--dialogue-count", "4"]
+    assert main([*argv, "--pairs", "4", "--questions", "2"]) == 0
+    report = (out / "eval_all" / "report.md").read_text()
+    for heading in ("## Codec: real speech", "## Speech LM", "## Turn-taking"):
+        assert heading in report, heading
+    lm = json.loads((out / "eval_all" / "lm" / "metrics.json").read_text())
+    assert lm["spoken_qa"]["questions"] == 2 and lm["pairs"] == 4
+    assert lm["text"]["perplexity"] < lm["text"]["uniform_perplexity"]  # it learned text
+    for name in ("codec/codec.png", "lm/lm.png", "duplex/timeline.png"):
+        assert (out / "eval_all" / name).is_file(), name
+
+
 def test_rerun_skips_finished_stages(run: tuple[Path, quickstart.Report]) -> None:
     out, first = run
     again = quickstart.run_quickstart(out, SCALE)

@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import json
 import re
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -72,6 +73,8 @@ def read_set(
     for n, line in enumerate(manifest.read_text().splitlines(), 1):
         if limit is not None and count >= limit:
             return
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
             wav = root / row["path"]
@@ -111,6 +114,11 @@ def aligned(ref_t: np.ndarray, est_t: np.ndarray, sample_rate: int) -> np.ndarra
 
 def classical(audio_t: np.ndarray, sample_rate: int, system: str) -> np.ndarray:
     """`audio_t` through a classical codec of `CLASSICAL` (ffmpeg), back at `sample_rate`."""
+    return encode_classical(audio_t, sample_rate, system)[0]
+
+
+def encode_classical(audio_t: np.ndarray, sample_rate: int, system: str) -> tuple[np.ndarray, int]:
+    """(`classical`'s result, the size in bytes of the coded file)."""
     _, options, rate, suffix = CLASSICAL[system]
     with tempfile.TemporaryDirectory() as tmp:
         src, coded, out = Path(tmp, "in.wav"), Path(tmp, "coded" + suffix), Path(tmp, "out.wav")
@@ -118,10 +126,10 @@ def classical(audio_t: np.ndarray, sample_rate: int, system: str) -> np.ndarray:
         quiet = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y"]
         subprocess.run([*quiet, "-i", src, "-ac", "1", *options, coded], check=True)
         subprocess.run([*quiet, "-i", coded, "-ar", str(sample_rate), out], check=True)
-        decoded = load_audio(out, sample_rate)
+        decoded, size = load_audio(out, sample_rate), coded.stat().st_size
     fitted = np.zeros_like(audio_t)
     fitted[: min(len(decoded), len(audio_t))] = decoded[: len(audio_t)]
-    return fitted
+    return fitted, size
 
 
 @functools.cache
@@ -144,10 +152,17 @@ def speaker_similarity(ref_16k: np.ndarray, est_16k: np.ndarray) -> float:
     return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
 
 
+def _pesq(ref_16k: np.ndarray, est_16k: np.ndarray) -> float | None:
+    """PESQ-WB, None where it finds no utterance in the reference (silence)."""
+    from pesq import PesqError, pesq
+
+    score = pesq(ASR_RATE, ref_16k, est_16k, "wb", on_error=PesqError.RETURN_VALUES)
+    return None if score < 0 else float(score)
+
+
 def measure(ref_t: np.ndarray, est_t: np.ndarray, sample_rate: int, text: str | None) -> dict:
     """Every metric of `est` against `ref` (WER None without a text)."""
     import jiwer
-    from pesq import pesq
     from pystoi import stoi
 
     ref16, est16 = to_16k(ref_t, sample_rate), to_16k(est_t, sample_rate)
@@ -156,7 +171,7 @@ def measure(ref_t: np.ndarray, est_t: np.ndarray, sample_rate: int, text: str | 
         "mel_distance": mel_distance(ref_t, est_t, sample_rate),
         "si_sdr": si_sdr(ref_t, est_t),
         "stoi": float(stoi(ref16, est16, ASR_RATE, extended=False)),
-        "pesq_wb": float(pesq(ASR_RATE, ref16, est16, "wb")),
+        "pesq_wb": _pesq(ref16, est16),
         "speaker_sim": speaker_similarity(ref16, est16),
         "wer": float(jiwer.wer(text, heard or "<nothing>")) if text else None,
     }
@@ -188,10 +203,18 @@ def evaluate(
                 print(f"eval codec: skipped: {item}")
                 skipped.append(item)
                 continue
-            per["original"].append(measure(item.audio, item.audio, sample_rate, item.text))
-            for name, (_, run) in systems.items():
-                est = aligned(item.audio, run(item.audio), sample_rate)
-                per[name].append(measure(item.audio, est, sample_rate, item.text))
+            try:  # every system or none: the rows average the same utterances
+                rows = {"original": measure(item.audio, item.audio, sample_rate, item.text)}
+                for name, (_, run) in systems.items():
+                    est = aligned(item.audio, run(item.audio), sample_rate)
+                    rows[name] = measure(item.audio, est, sample_rate, item.text)
+            except (subprocess.CalledProcessError, ValueError, RuntimeError) as e:
+                reason = f"{item.name}: {type(e).__name__}: {e}"
+                print(f"eval codec: skipped: {reason}")
+                skipped.append(reason)
+                continue
+            for name, row in rows.items():
+                per[name].append(row)
         bitrates = {"original": None, **{s: b for s, (b, _) in systems.items()}}
         out[set_name] = {
             "utterances": len(per["original"]),
@@ -229,6 +252,12 @@ def codec_system(
     return name, cfg.codec.sample_rate, (kbps, run)
 
 
+def manifest_rows(folder: Path) -> int:
+    """Rows of a folder's manifest (0 without one)."""
+    manifest = folder / "manifest.jsonl"
+    return sum(1 for line in manifest.open() if line.strip()) if manifest.is_file() else 0
+
+
 def default_sets(out: Path, utterances: int = 24) -> dict[str, Path]:
     """The two evaluation sets under out/sets, made unless already there: flite speech
     (synthetic, with texts; seed 11, apart from the quickstart's corpora) and the real
@@ -237,9 +266,11 @@ def default_sets(out: Path, utterances: int = 24) -> dict[str, Path]:
     from sfm.data.synth_corpus import synth_corpus
 
     sets = {"synthetic (flite)": out / "sets" / "flite", "real speech": out / "sets" / "real"}
-    if not (sets["synthetic (flite)"] / "manifest.jsonl").is_file():
+    flite = sets["synthetic (flite)"]
+    if manifest_rows(flite) < utterances:  # absent, or made for fewer utterances: made again
+        shutil.rmtree(flite, ignore_errors=True)
         minutes = utterances * 12 / 60  # utterances run 4-12 s
-        print(synth_corpus(sets["synthetic (flite)"], minutes, engine="flite", seed=11).line())
+        print(synth_corpus(flite, minutes, engine="flite", seed=11).line())
     if not (sets["real speech"] / "manifest.jsonl").is_file():
         print(build_eval_set(sets["real speech"]).line())
     return sets
@@ -277,6 +308,7 @@ __all__ = [
     "aligned",
     "classical",
     "classical_systems",
+    "encode_classical",
     "evaluate",
     "measure",
     "read_set",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -30,7 +30,7 @@ from tqdm import tqdm
 from sfm.data.dialogues import ASSISTANT, USER, Event
 from sfm.eval.report import write_duplex_report
 from sfm.eval.speech import Speech, Word, listen
-from sfm.eval.turn_taking import DialogueScore, aggregate, score_dialogue
+from sfm.eval.turn_taking import RESPONSE_WINDOW_S, DialogueScore, aggregate, score_dialogue
 
 EVENT_KINDS = ("turn_end", "pause", "backchannel", "interruption")
 
@@ -53,13 +53,16 @@ def _events(path: Path) -> list[Event]:
     try:
         rows = json.loads(path.read_text())["events"]
         events = [Event(**row) for row in rows]
+        for e in events:
+            times = (e.start, e.end)
+            if e.kind not in EVENT_KINDS or not all(
+                isinstance(x, int | float) and np.isfinite(x) for x in times
+            ):
+                raise ValueError(f"bad event {e}")
     except FileNotFoundError as e:
         raise DialogueError(f"{path}: no events file") from e
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
         raise DialogueError(f"{path}: malformed events ({e})") from e
-    for e in events:
-        if e.kind not in EVENT_KINDS or not np.isfinite([e.start, e.end]).all():
-            raise DialogueError(f"{path}: bad event {e}")
     return events
 
 
@@ -69,19 +72,21 @@ def _alignments(path: Path) -> list[tuple[Word, str]] | None:
     try:
         rows = json.loads(path.read_text())["alignments"]
         return [(Word(str(w), float(s), float(e)), str(spk)) for w, (s, e), spk in rows]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
         raise DialogueError(f"{path}: malformed alignments ({e})") from e
 
 
-def read_dialogues(root: str | PathLike[str]) -> Iterator[Dialogue | DialogueError]:
-    """The dialogues of a set, in manifest order; an unreadable one comes as its error."""
+def read_dialogues(
+    root: str | PathLike[str], limit: int | None = None
+) -> Iterator[Dialogue | DialogueError]:
+    """The dialogues of a set in manifest order (the first `limit` rows); an unreadable one
+    comes as its error."""
     root = Path(root)
     manifest = root / "manifest.jsonl"
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest}: no manifest (expected `sfm data dialogues` layout)")
-    for n, line in enumerate(manifest.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    lines = [(n, line) for n, line in enumerate(manifest.read_text().splitlines(), 1)]
+    for n, line in [(n, line) for n, line in lines if line.strip()][:limit]:
         try:
             wav = root / json.loads(line)["path"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
@@ -119,7 +124,9 @@ def score(dialogue: Dialogue) -> tuple[DialogueScore, Speech, Speech | None]:
     else:
         user_words = [w for w, spk in dialogue.words if spk == USER]
         speaker_words = [w for w, spk in dialogue.words if spk == ASSISTANT]
-    scored = score_dialogue(dialogue.name, dialogue.events, model, user_words, speaker_words)
+    scored = score_dialogue(
+        dialogue.name, dialogue.events, model, user_words, speaker_words, len(audio) / rate
+    )
     return scored, model, user_speech
 
 
@@ -128,29 +135,33 @@ def score_dialogues(
     out: str | PathLike[str],
     title: str = "Turn-taking",
     limit: int | None = None,
+    skipped: Sequence[str] = (),
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Score every dialogue of a set (the first `limit`); write out/metrics.json and
-    out/report.md."""
+    """Score the dialogues of a set (the first `limit` rows of its manifest); write
+    out/metrics.json and out/report.md. `skipped` (reasons) and `extra` (more keys) come
+    from a caller that made the set."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     scores: list[DialogueScore] = []
-    skipped: list[str] = []
+    reasons = list(skipped)
     example = None
-    items = list(read_dialogues(dialogues))[:limit]
+    items = list(read_dialogues(dialogues, limit))
     for item in tqdm(items, desc="scoring dialogues", unit="dialogue"):
         try:
             if isinstance(item, DialogueError):
                 raise item
-            scored, model, _ = score(item)
+            scored, model, user_speech = score(item)
         except DialogueError as e:
             print(f"eval duplex: skipped: {e}")
-            skipped.append(str(e))
+            reasons.append(str(e))
             continue
         scores.append(scored)
         if example is None:
-            example = (item, model)
+            example = (item, model, user_speech)
     metrics = aggregate(scores)
-    metrics["skipped"] = {"count": len(skipped), "reasons": skipped}
+    metrics["skipped"] = {"count": len(reasons), "reasons": reasons}
+    metrics |= extra or {}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     write_duplex_report(out, title, metrics, scores, example)
     return metrics
@@ -159,29 +170,27 @@ def score_dialogues(
 def converse_dialogues(
     engine: Any, dialogues: str | PathLike[str], out: str | PathLike[str], limit: int | None = None
 ) -> dict[str, Any]:
-    """Feed each dialogue's user channel (right) through `engine` (an
-    `sfm.infer.engine.Engine`, as many at once as it has slots), write the conversations
-    (left: the model, right: the user) with the dialogues' events and alignments under
+    """Feed each dialogue's user channel (right; the first `limit` rows of the manifest)
+    through `engine` (an `sfm.infer.engine.Engine`, as many at once as it has slots), then
+    4 s of silence so that the last turn can be answered; write the conversations (left:
+    the model, right: the user) with the dialogues' events and alignments under
     out/conversations, and score them."""
-    from sfm.data.audio import load_audio
+    from sfm.data.audio import AudioError, load_audio
     from sfm.infer.converse import converse_many
 
     out = Path(out)
     wavs = out / "conversations" / "wav"
     wavs.mkdir(parents=True, exist_ok=True)
     kept, users, skipped = [], [], []
-    for item in read_dialogues(dialogues):
-        if limit is not None and len(kept) >= limit:
-            break
-        if isinstance(item, DialogueError):
-            print(f"eval duplex: skipped: {item}")
-            skipped.append(str(item))
-            continue
+    tail = np.zeros(int(RESPONSE_WINDOW_S * engine.sample_rate), np.float32)
+    for item in read_dialogues(dialogues, limit):
         try:
-            users.append(load_audio(item.wav, engine.sample_rate, channel=1))
-        except Exception as e:  # noqa: BLE001 - any unreadable file is one skipped line
-            print(f"eval duplex: skipped: {item.wav}: unreadable audio ({e})")
-            skipped.append(f"{item.wav}: unreadable audio ({e})")
+            if isinstance(item, DialogueError):
+                raise item
+            users.append(np.concatenate([load_audio(item.wav, engine.sample_rate, 1), tail]))
+        except (DialogueError, AudioError) as e:
+            print(f"eval duplex: skipped: {e}")
+            skipped.append(str(e))
             continue
         kept.append(item)
     with tqdm(total=len(kept), desc="conversations", unit="dialogue") as bar:
@@ -199,13 +208,10 @@ def converse_dialogues(
         rows.append({"path": f"wav/{target.name}", "duration": round(seconds, 4)})
     manifest = out / "conversations" / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    metrics = score_dialogues(out / "conversations", out, title="Turn-taking (through the engine)")
-    metrics["skipped"]["count"] += len(skipped)
-    metrics["skipped"]["reasons"] = skipped + metrics["skipped"]["reasons"]
-    rtf = [t.real_time_factor for t in talks]
-    metrics["engine"] = {"slots": engine.slots, "real_time_factor": _mean_or_none(rtf)}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    return metrics
+    rtf = _mean_or_none([t.real_time_factor for t in talks])
+    engine_info = {"engine": {"slots": engine.slots, "real_time_factor": rtf}}
+    title = "Turn-taking (through the engine)"
+    return score_dialogues(out / "conversations", out, title, None, skipped, engine_info)
 
 
 def _mean_or_none(values: list[float]) -> float | None:

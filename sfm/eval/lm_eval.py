@@ -35,6 +35,7 @@ from flax import nnx
 
 from sfm.data import text as grammar
 from sfm.data.synth import Voice, synthesize
+from sfm.errors import SfmError
 from sfm.lm.layout import TEXT_PAD, StreamLayout, delay_streams, text_to_streams
 from sfm.lm.loss import cross_entropy
 
@@ -244,15 +245,17 @@ def eval_lm(
 ) -> dict[str, Any]:
     """`sfm eval lm`: every measurement above on the LM of `checkpoint` (a run), speaking
     through `codec_checkpoint`; writes out/metrics.json and out/report.md."""
+    if pairs < 1 or questions < 1:
+        raise SfmError(f"eval lm: --pairs and --questions must be >= 1, got {pairs}, {questions}")
     import json
     from pathlib import Path
 
     from sfm.data.synth import voices
     from sfm.data.tokenizer import load_tokenizer
     from sfm.eval.report import write_lm_report
+    from sfm.eval.suite import eval_sampling
     from sfm.infer.converse import load_models
     from sfm.infer.engine import Engine
-    from sfm.lm.generate import SamplingConfig
 
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
@@ -261,8 +264,7 @@ def eval_lm(
     assistant = voices("flite")[0]  # the clear voice the model speaks with
     user = voices("espeak")[seed % len(voices("espeak"))]
     scorer = Scorer(lm, codec, assistant)
-    sampling = SamplingConfig(temp=0.8, top_k=cfg.lm.card // 2, temp_text=0.7, top_k_text=25)
-    engine = Engine(codec, lm, slots, sampling, seed=seed)
+    engine = Engine(codec, lm, slots, eval_sampling(cfg.lm.card), seed=seed)
     metrics = {
         "spot_the_word": {**pair_accuracy(scorer, word_pairs(pairs, seed)), "chance": 0.5},
         "grammar": {**pair_accuracy(scorer, grammar_pairs(pairs, seed + 1)), "chance": 0.5},

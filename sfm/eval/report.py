@@ -87,7 +87,8 @@ def _latency_plot(path: Path, scores: Sequence[Any]) -> None:
     fig, ax = plt.subplots(figsize=(6, 3))
     turn = [v for s in scores for v in s.turn_latency_s]
     stop = [v for s in scores for v in s.stop_latency_s]
-    bins = np.linspace(0.0, 4.0, 21)
+    bins = np.linspace(-0.5, 4.0, 19)  # values past either end drawn in the end bins
+    turn, stop = (np.clip(v, -0.5, 4.0).tolist() for v in (turn, stop))
     ax.hist([turn, stop], bins, label=["turn-taking latency", "interruption stop latency"])
     ax.set_xlabel("seconds")
     ax.set_ylabel("events")
@@ -97,22 +98,26 @@ def _latency_plot(path: Path, scores: Sequence[Any]) -> None:
     plt.close(fig)
 
 
-def timeline_plot(path: Path, dialogue: Any, model: Any, title: str = "") -> None:
-    """Both channels of one dialogue over time: the user's words (from its alignments), the
-    model's voice-active segments and recognized words, and the user's events."""
+def timeline_plot(path: Path, dialogue: Any, model: Any, user: Any = None, title: str = "") -> None:
+    """Both channels of one dialogue over time: the user's words (from its alignments, else
+    what the ASR heard on its channel), the model's voice-active segments and recognized
+    words, and the user's events."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(12, 2.8))
     colors = {"turn_end": "tab:green", "pause": "tab:orange", "backchannel": "tab:purple",
               "interruption": "tab:red"}  # fmt: skip
-    user = [w for w, spk in (dialogue.words or []) if spk == "SPEAKER_USER"]
-    ax.broken_barh([(w.start, w.end - w.start) for w in user], (0.6, 0.3), color="tab:blue")
+    if dialogue.words is not None:
+        spans = [(w.start, w.end) for w, spk in dialogue.words if spk == "SPEAKER_USER"]
+    else:
+        spans = list(user.segments) if user is not None else []
+    ax.broken_barh([(a, b - a) for a, b in spans], (0.6, 0.3), color="tab:blue")
     ax.broken_barh([(a, b - a) for a, b in model.segments], (0.1, 0.3), color="tab:gray")
     for w in model.words:
         ax.text(w.start, 0.45, w.text, fontsize=6, rotation=45)
     for e in dialogue.events:
         ax.axvspan(e.start, max(e.end, e.start + 0.05), color=colors[e.kind], alpha=0.25)
         ax.text(e.start, 1.0, e.kind, fontsize=7, color=colors[e.kind], rotation=30)
-    ax.set_yticks([0.25, 0.75], ["model (VAD, ASR)", "user (words)"])
+    ax.set_yticks([0.25, 0.75], ["model (VAD, ASR)", "user"])
     ax.set_xlabel("seconds")
     ax.set_ylim(0, 1.3)
     ax.set_title(title or dialogue.name, fontsize=9)
@@ -231,7 +236,11 @@ def write_duplex_report(
     _tor_plot(out / "tor.png", metrics)
     _latency_plot(out / "latency.png", scores)
     lines = [f"# {title}", "", f"{len(scores)} dialogues scored, "
-             f"{metrics['skipped']['count']} skipped.", ""]  # fmt: skip
+             f"{metrics['skipped']['count']} skipped, {metrics['unscored_events']} events too "
+             "close to the end of their recording to be answered.", ""]  # fmt: skip
+    if "engine" in metrics:
+        lines += [f"Through the engine: {metrics['engine']['slots']} slots, real-time factor "
+                  f"{fmt(metrics['engine']['real_time_factor'])}.", ""]  # fmt: skip
     lines += duplex_table(metrics)
     lines += [
         "",

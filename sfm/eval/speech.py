@@ -124,14 +124,19 @@ def _recognize(audio_16k: np.ndarray, offset_s: float) -> list[Word]:
 
 
 def listen(audio_t: np.ndarray, sample_rate: int) -> Speech:
-    """Voice-active segments of a channel and the words recognized in them."""
+    """Voice-active segments of a channel and the words recognized in them. Each segment is
+    recognized with a little audio either side; a word belongs to the segment whose share of
+    the timeline (split halfway between neighbouring segments) holds its start, so a word
+    near a short gap is counted once."""
     audio = to_16k(audio_t, sample_rate)
     segments = voice_activity(audio)
     words: list[Word] = []
-    for start, end in segments:
+    for i, (start, end) in enumerate(segments):
+        lo = (segments[i - 1][1] + start) / 2 if i else -np.inf
+        hi = (end + segments[i + 1][0]) / 2 if i + 1 < len(segments) else np.inf
         a = max(0, int((start - ASR_PAD_S) * ASR_RATE))
         b = min(audio.size, int((end + ASR_PAD_S) * ASR_RATE))
-        words += [w for w in _recognize(audio[a:b], a / ASR_RATE) if start - ASR_PAD_S <= w.start]
+        words += [w for w in _recognize(audio[a:b], a / ASR_RATE) if lo <= w.start < hi]
     return Speech(tuple(segments), tuple(words))
 
 

@@ -10,6 +10,7 @@ trained on) unless a folder of them is given.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -53,23 +54,35 @@ def run_files(
 def held_out_dialogues(out: Path, count: int = HELD_OUT_DIALOGUES) -> Path:
     """At least `count` dialogues from the dialogue generator with a seed of their own."""
     from sfm.data.dialogues import synth_dialogues
+    from sfm.eval.codec_eval import manifest_rows
 
     folder = out / "heldout"
-    if not (folder / "manifest.jsonl").is_file():
+    if manifest_rows(folder) < count:  # absent, or made for fewer: made again
+        shutil.rmtree(folder, ignore_errors=True)
         minutes = count * DIALOGUE_S * 1.2 / 60
         print(synth_dialogues(folder, minutes, seed=HELD_OUT_SEED).line())
     return folder
 
 
-def duplex_engine(files: RunFiles, slots: int = 8, seed: int = 0) -> Any:
-    """The engine serving the run's LM through its codec, with the quickstart's sampling."""
-    from sfm.infer.converse import load_models
-    from sfm.infer.engine import Engine
+def eval_sampling(
+    card: int, temp: float = 0.8, top_k: int | None = None, greedy: bool = False
+) -> Any:
+    """The sampling every evaluation through the engine uses (the quickstart's reply too):
+    audio at `temp` over the top half of the codebook by default, text at 0.7 over the top
+    25."""
     from sfm.lm.generate import SamplingConfig
 
+    top_k = card // 2 if top_k is None else top_k
+    return SamplingConfig(temp=temp, top_k=top_k, temp_text=0.7, top_k_text=25, greedy=greedy)
+
+
+def duplex_engine(files: RunFiles, slots: int = 8, seed: int = 0) -> Any:
+    """The engine serving the run's LM through its codec, with `eval_sampling`."""
+    from sfm.infer.converse import load_models
+    from sfm.infer.engine import Engine
+
     codec, lm, cfg = load_models(files.lm, None, files.codec)
-    sampling = SamplingConfig(temp=0.8, top_k=cfg.lm.card // 2, temp_text=0.7, top_k_text=25)
-    return Engine(codec, lm, slots, sampling, seed=seed)
+    return Engine(codec, lm, slots, eval_sampling(cfg.lm.card), seed=seed)
 
 
 def eval_all(
@@ -79,6 +92,8 @@ def eval_all(
     dialogues: str | PathLike[str] | None = None,
     utterances: int = 24,
     dialogue_count: int = HELD_OUT_DIALOGUES,
+    pairs: int = 64,
+    questions: int = 24,
 ) -> dict[str, Any]:
     """Every evaluation of `run` into out/{codec,lm,duplex}; out/report.md links them."""
     from sfm.eval.codec_eval import default_sets, eval_codec
@@ -90,7 +105,9 @@ def eval_all(
     files = files or run_files(run)
     sets = default_sets(out, utterances)
     codec = eval_codec(files.codec, out / "codec", sets, utterances)
-    lm = eval_lm(str(files.lm), str(files.codec), str(files.tokenizer), str(out / "lm"))
+    lm = eval_lm(
+        str(files.lm), str(files.codec), str(files.tokenizer), str(out / "lm"), pairs, questions
+    )
     held_out = Path(dialogues) if dialogues else held_out_dialogues(out, dialogue_count)
     duplex = converse_dialogues(duplex_engine(files), held_out, out / "duplex", dialogue_count)
     lines = [f"# Evaluation of {run}", "", f"codec {files.codec}, LM {files.lm}", ""]
@@ -104,4 +121,11 @@ def eval_all(
     return {"codec": codec, "lm": lm, "duplex": duplex}
 
 
-__all__ = ["RunFiles", "duplex_engine", "eval_all", "held_out_dialogues", "run_files"]
+__all__ = [
+    "RunFiles",
+    "duplex_engine",
+    "eval_sampling",
+    "eval_all",
+    "held_out_dialogues",
+    "run_files",
+]

@@ -11,7 +11,8 @@ model's side is what a VAD and an ASR heard on its channel (`sfm.eval.speech.Spe
   the floor that contains the pause)?
 - **Smooth turn-taking**: per user turn end, does the model take the turn within 4 s after
   it; latency = its first word's start (its first voice onset if the ASR found no word)
-  minus the turn end, over the turns it took.
+  minus the turn end, over the turns it took; a reply overlapping the end of the user's turn
+  by up to 0.5 s counts from its own start (negative latency).
 - **User interruption**: per barge-in, TOR = does the model take the turn within 4 s after
   the interruption ends (the benchmark's), with latency from that end; stop latency = how long
   the model kept talking after the barge-in (the end of its run of speech holding the barge-in
@@ -26,8 +27,11 @@ model's side is what a VAD and an ASR heard on its channel (`sfm.eval.speech.Spe
   has none.
 
 The user holds the floor over its words (backchannel words left out) joined across gaps
-< 0.5 s and across declared pauses. Rates pool events over dialogues (each event counts once);
-a kind absent from every dialogue gives null.
+< 0.5 s and across declared pauses. Windows end with the recording; a turn end or an
+interruption followed by less than 2 s of it cannot be answered and is left out (counted
+as unscored). Rates pool events over dialogues (each event counts once); a kind absent from
+every dialogue gives null. One-word replies ("Paris.") do not take the turn by the
+benchmark's rule: scoring a dialogue set's own assistant channel shows the ceiling that sets.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ TURN_WORDS = 3  # more than this many words take the turn
 BACKCHANNEL_S = 1.0
 BACKCHANNEL_WORDS = 2
 RESPONSE_WINDOW_S = 4.0
+MIN_WINDOW_S = 2.0  # an event with less audio after it than this cannot be answered: unscored
+OVERLAP_S = 0.5  # a reply may start this much before the turn end (latency down to -0.5 s)
 STOP_GAP_S = 0.25
 STOP_WITHIN_S = 0.5
 FLOOR_GAP_S = 0.5
@@ -66,8 +72,13 @@ def takes_turn(speech: Speech, start: float, end: float) -> bool:
     return span >= TURN_SPAN_S or words > TURN_WORDS
 
 
-def onset(speech: Speech, start: float, end: float) -> float | None:
-    """The first word's start in [start, end), else the first voice onset there."""
+def onset(speech: Speech, start: float, end: float, lookback: float = 0.0) -> float | None:
+    """The first word's start in [start, end), else the first voice onset there; with a
+    lookback, speech already running at `start` that began at most that long before it
+    counts from its own start."""
+    early = [a for a, b in speech.segments if start - lookback <= a < start < b]
+    if early:
+        return min(early)
     words = [w.start for w in speech.words if start <= w.start < end]
     if words:
         return min(words)
@@ -119,6 +130,7 @@ class DialogueScore:
     """What one dialogue contributed to each metric (lists: one entry per event)."""
 
     name: str
+    unscored: int = 0  # events too close to the end of the recording to be answered
     pause_taken: list[bool] = dataclasses.field(default_factory=list)
     turn_taken: list[bool] = dataclasses.field(default_factory=list)
     turn_latency_s: list[float] = dataclasses.field(default_factory=list)
@@ -144,6 +156,7 @@ class DialogueScore:
             "stop_latency_s": _mean(self.stop_latency_s),
             "floor_s": round(self.floor_s, 3),
             "model_backchannels": len(self.model_backchannels),
+            "unscored": self.unscored,
         }
 
 
@@ -157,33 +170,38 @@ def score_dialogue(
     model: Speech,
     user_words: Sequence[Word],
     speaker_words: Sequence[Word] = (),
+    duration: float = float("inf"),
 ) -> DialogueScore:
     """Score one dialogue: its events, the model channel's speech, the user's words (for
-    when the user holds the floor) and the reference speaker's words (for where the
-    dialogue's own listener backchannels fall; empty: none)."""
+    when the user holds the floor), the reference speaker's words (for where the dialogue's
+    own listener backchannels fall; empty: none) and the recording's length in seconds."""
     score = DialogueScore(name)
     user_floor = floor(user_words, events, USER)
     for e in events:
         if e.kind == "pause":
             stretch = _containing(user_floor, e.start) or (e.start, e.end + RESPONSE_WINDOW_S)
             score.pause_taken.append(takes_turn(model, e.start, max(stretch[1], e.end)))
-        elif e.kind == "turn_end":
-            window = (e.start, e.start + RESPONSE_WINDOW_S)
-            taken = takes_turn(model, *window)
+            continue
+        if e.kind not in ("turn_end", "interruption"):
+            continue
+        t = e.start if e.kind == "turn_end" else e.end  # responses count from here
+        if duration - t < MIN_WINDOW_S:
+            score.unscored += 1
+            continue
+        window = (t, min(t + RESPONSE_WINDOW_S, duration))
+        taken = takes_turn(model, *window)
+        first = onset(model, *window, lookback=OVERLAP_S if e.kind == "turn_end" else 0.0)
+        if e.kind == "turn_end":
             score.turn_taken.append(taken)
-            first = onset(model, *window)
             if taken and first is not None:
-                score.turn_latency_s.append(first - e.start)
-        elif e.kind == "interruption":
-            window = (e.end, e.end + RESPONSE_WINDOW_S)
-            taken = takes_turn(model, *window)
-            score.interruption_taken.append(taken)
-            first = onset(model, *window)
-            if taken and first is not None:
-                score.interruption_latency_s.append(first - e.end)
-            run = _containing(_runs(model.segments), e.start)
-            if run is not None:
-                score.stop_latency_s.append(run[1] - e.start)
+                score.turn_latency_s.append(first - t)
+            continue
+        score.interruption_taken.append(taken)
+        if taken and first is not None:
+            score.interruption_latency_s.append(first - t)
+        run = _containing(_runs(model.segments), e.start)
+        if run is not None:
+            score.stop_latency_s.append(run[1] - e.start)
     for a, b in user_floor:
         score.floor_s += b - a
         score.floor_taken.append(takes_turn(model, a, b))
@@ -246,6 +264,7 @@ def aggregate(scores: Sequence[DialogueScore]) -> dict[str, Any]:
             "talking_at_barge_in": len(stops),
             "events": len(pooled("interruption_taken")),
         },
+        "unscored_events": sum(s.unscored for s in scores),
         "dialogues": [s.row() for s in scores],
     }
 

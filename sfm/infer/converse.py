@@ -114,7 +114,9 @@ def converse_many(
     it was in). `progress(n)` is called as n conversations finish."""
     n = engine.frame_size
     padded = []
-    for user_t in users:
+    for i, user_t in enumerate(users):
+        if len(user_t) == 0:
+            raise ValueError(f"conversation {i}: the user's audio is empty")
         user = np.zeros(-(-len(user_t) // n) * n, np.float32)
         user[: len(user_t)] = user_t
         padded.append(user)
@@ -124,27 +126,33 @@ def converse_many(
     text: list[list[tuple[float, int, str]]] = [[] for _ in users]
     seconds = [0.0] * len(users)
     waiting, active = list(range(len(users))), {}  # active: slot -> (conversation, frame)
-    while waiting or active:
-        while waiting and not engine.busy.all():
-            active[engine.join()] = (waiting.pop(0), 0)
-        frames = {s: padded[i][t * n : (t + 1) * n] for s, (i, t) in active.items()}
-        t0 = time.perf_counter()
-        out = engine.step(frames)
-        dt = time.perf_counter() - t0
-        for slot, (i, t) in list(active.items()):
-            model[i][t * n : (t + 1) * n] = out.audio[slot]
-            seconds[i] += dt
-            token = int(out.text[slot])
-            if out.valid[slot] and token not in pad_ids:
-                piece = pieces[token] if pieces is not None and token < len(pieces) else ""
-                text[i].append((t * n / engine.sample_rate, token, piece))
-            if (t + 1) * n >= len(padded[i]):
-                engine.leave(slot)
-                del active[slot]
-                if progress is not None:
-                    progress(1)
-            else:
-                active[slot] = (i, t + 1)
+    try:
+        while waiting or active:
+            while waiting and not engine.busy.all():
+                active[engine.join()] = (waiting.pop(0), 0)
+            if not active:
+                raise RuntimeError(f"all {engine.slots} slots are busy with other sessions")
+            frames = {s: padded[i][t * n : (t + 1) * n] for s, (i, t) in active.items()}
+            t0 = time.perf_counter()
+            out = engine.step(frames)
+            dt = time.perf_counter() - t0
+            for slot, (i, t) in list(active.items()):
+                model[i][t * n : (t + 1) * n] = out.audio[slot]
+                seconds[i] += dt
+                token = int(out.text[slot])
+                if out.valid[slot] and token not in pad_ids:
+                    piece = pieces[token] if pieces is not None and token < len(pieces) else ""
+                    text[i].append((t * n / engine.sample_rate, token, piece))
+                if (t + 1) * n >= len(padded[i]):
+                    engine.leave(slot)
+                    del active[slot]
+                    if progress is not None:
+                        progress(1)
+                else:
+                    active[slot] = (i, t + 1)
+    finally:
+        for slot in active:  # an error part way: free what this call took
+            engine.leave(slot)
     return [
         Conversation(np.stack([m, u], axis=1), engine.sample_rate, txt, sec, len(u) // n)
         for m, u, txt, sec in zip(model, padded, text, seconds)
