@@ -148,10 +148,12 @@ class Scorer:
 
     def spoken(self, texts: Sequence[str]) -> np.ndarray:
         """[N, 2] log-likelihood of each text spoken by the voice: semantic, all codebooks."""
+        from tqdm import tqdm
+
         from sfm.codec.files import encode_wav
 
         items = []
-        for text in texts:
+        for text in tqdm(texts, desc="spoken items", unit="item", leave=False):
             audio = synthesize(text, self.voice, self.codec.cfg.sample_rate).audio
             codes_kt = encode_wav(self.codec, audio)[: self.layout.n_q]
             tokens = np.full((self.layout.n_streams, codes_kt.shape[1]), self.layout.ignore)

@@ -148,7 +148,7 @@ def _codec_plot(path: Path, results: dict[str, Any]) -> None:
     plt = _pyplot()
     metrics = [("stoi", "STOI"), ("pesq_wb", "PESQ-WB"), ("speaker_sim", "speaker sim"),
                ("wer", "WER (lower is better)")]  # fmt: skip
-    fig, axes = plt.subplots(len(results), len(metrics), figsize=(12, 2.6 * len(results)),
+    fig, axes = plt.subplots(len(results), len(metrics), figsize=(15, 2.6 * len(results)),
                              squeeze=False)  # fmt: skip
     for r, (set_name, result) in enumerate(results.items()):
         names = [n for n in result["rows"] if n != "original"]
@@ -158,7 +158,7 @@ def _codec_plot(path: Path, results: dict[str, Any]) -> None:
             original = result["rows"]["original"].get(key)
             if original is not None:
                 ax.axvline(original, color="k", linestyle="--", linewidth=1)
-            ax.set_title(f"{label}: {set_name}", fontsize=8)
+            ax.set_title(f"{label}\n{set_name}", fontsize=8)
             ax.tick_params(labelsize=7)
     fig.suptitle("Codec quality (dashed: the original)", fontsize=9)
     fig.tight_layout()
