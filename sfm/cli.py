@@ -131,7 +131,7 @@ def _quickstart(args: argparse.Namespace) -> None:
     """`sfm quickstart`: corpus -> codec -> tokens -> pretraining -> duplex -> reply + report."""
     from sfm import quickstart
 
-    quickstart.main(Path(args.out), args.steps_scale)
+    quickstart.main(Path(args.out), args.scale)
 
 
 def _data_synth(args: argparse.Namespace) -> None:
@@ -427,7 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quick.add_argument("--out", default="out/quickstart", help="output folder (rerun resumes)")
     quick.add_argument(
-        "--steps-scale", type=float, default=1.0, help="multiply every training length"
+        "--scale",
+        "--steps-scale",
+        dest="scale",
+        type=float,
+        default=1.0,
+        help="multiply every training length and the corpus (0.05: a smoke run)",
     )
     quick.set_defaults(run=_quickstart, jit=True)
 

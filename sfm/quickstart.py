@@ -16,7 +16,8 @@
                  tables
 
 A stage whose output is complete is skipped on a rerun (training resumes from its last
-checkpoint). `--steps-scale` multiplies every training length (0.05 for a smoke run).
+checkpoint). `--scale` multiplies every training length and the corpus: 0.05 for a smoke
+run, 2 for a run of the same recipe twice as long.
 """
 
 from __future__ import annotations
@@ -50,6 +51,16 @@ VALIDATION_FRACTION = 0.1
 EVAL_BATCHES = 16
 EVAL_UTTERANCES = 8  # per codec evaluation set
 VOCAB = 512  # = lm.text_card of configs/quickstart/pretrain.yaml
+# What the quickstart's duplex model should reach on the held-out dialogues (Full-Duplex-Bench
+# v1 definitions, metrics.json paths) and its codec on held-out flite speech.
+TURN_TAKING_TARGETS = {
+    "pause_handling.tor": "<= 0.3",
+    "smooth_turn_taking.tor": ">= 0.8",
+    "smooth_turn_taking.latency_s": "<= 0.5",
+    "user_interruption.tor": ">= 0.8",
+    "user_interruption.latency_s": "<= 0.5",
+}
+CODEC_TARGETS = "WER <= 0.5 and mel distance well below 0.87 (the first quickstart codec's)"
 
 
 class QuickstartError(SfmError, ValueError):
@@ -68,6 +79,7 @@ class Report:
     codec_eval: dict[str, Any] = field(default_factory=dict)  # `sfm eval codec`'s results
     duplex_eval: dict[str, Any] = field(default_factory=dict)  # `sfm eval duplex`'s metrics
     duplex_reference: dict[str, Any] = field(default_factory=dict)  # the data's own assistant
+    duplex_through_codec: dict[str, Any] = field(default_factory=dict)  # ... through the codec
 
 
 def _stage(report: Report, name: str, fn: Callable[[], Any]) -> Any:
@@ -293,13 +305,14 @@ def generate_reply(
     }
 
 
-def evaluate_against_anchors(out: Path, scale: float) -> tuple[dict, dict, dict]:
+def evaluate_against_anchors(out: Path, scale: float) -> tuple[dict, dict, dict, dict]:
     """The codec beside codec2 / Opus on flite and real speech, and the duplex model's
     turn-taking on held-out dialogues (50, synthesized apart with a seed of their own;
     fewer in a shortened run) through the engine, beside the dialogues' own assistant
-    channel scored the same way: `sfm eval codec` and `sfm eval duplex`."""
-    from sfm.eval.codec_eval import default_sets, eval_codec
-    from sfm.eval.duplex import converse_dialogues, score_dialogues
+    channel scored the same way, clean and through the codec: `sfm eval codec` and
+    `sfm eval duplex`."""
+    from sfm.eval.codec_eval import codec_system, default_sets, eval_codec
+    from sfm.eval.duplex import converse_dialogues, score_dialogues, through_codec
     from sfm.eval.suite import duplex_engine, held_out_dialogues, run_files
 
     size = min(1.0, scale)
@@ -310,7 +323,9 @@ def evaluate_against_anchors(out: Path, scale: float) -> tuple[dict, dict, dict]
     held_out = held_out_dialogues(out / "eval", dialogues)
     duplex = converse_dialogues(duplex_engine(files), held_out, out / "eval" / "duplex", dialogues)
     reference = score_dialogues(held_out, out / "eval" / "duplex_reference", limit=dialogues)
-    return codec, duplex, reference
+    _, rate, (_, resynthesize) = codec_system(files.codec)
+    coded = through_codec(resynthesize, rate, held_out, out / "eval" / "duplex_codec", dialogues)
+    return codec, duplex, reference, coded
 
 
 # ---------------------------------------------------------------- report
@@ -388,17 +403,21 @@ def write_report(report: Report) -> Path:
         lines += [f"## Codec beside classical codecs: {set_name} ({result['utterances']} "
                   "utterances)", "", *codec_table(result["rows"]), ""]  # fmt: skip
     if report.codec_eval:
-        lines += ["WER: pocketsphinx (the original's row is the recognizer's own). Details: "
-                  "eval/codec/report.md.", ""]  # fmt: skip
+        lines += [f"Targets: {CODEC_TARGETS}. WER: pocketsphinx (the original's row is the "
+                  "recognizer's own). Details: eval/codec/report.md.", ""]  # fmt: skip
     if report.duplex_eval:
         n = len(report.duplex_eval["dialogues"])
         lines += [f"## Turn-taking ({n} held-out dialogues, through the engine)", ""]
-        lines += [*duplex_table(report.duplex_eval, report.duplex_reference), ""]
+        columns = {"reference assistant": report.duplex_reference,
+                   "reference through the codec": report.duplex_through_codec}  # fmt: skip
+        lines += [*duplex_table(report.duplex_eval, columns, TURN_TAKING_TARGETS), ""]
         lines += ["The reference assistant is the held-out dialogues' own assistant channel "
                   "scored the same way: the best this data allows under the benchmark's rules "
-                  "(a one-word reply does not take the turn). Published figures: "
-                  "Full-Duplex-Bench v1 on real speech, for context. Plots: "
-                  "eval/duplex/report.md.", ""]  # fmt: skip
+                  "(a one-word reply does not take the turn); through the codec, the same "
+                  "channel encoded and decoded by the quickstart codec: the best a model "
+                  "speaking through that codec can score (the scorer hears speech through "
+                  "VAD and ASR). Published figures: Full-Duplex-Bench v1 on real speech, for "
+                  "context. Plots: eval/duplex/report.md.", ""]  # fmt: skip
     lines += ["## Reply (reply.wav: left generated, right user)", ""]
     lines += [f"- {k}: {v}" for k, v in report.reply.items()]
     path = report.out / "report.md"
@@ -409,21 +428,19 @@ def write_report(report: Report) -> Path:
 # ---------------------------------------------------------------- the job
 
 
-def run_quickstart(out: Path = DEFAULT_OUT, steps_scale: float = 1.0) -> Report:
+def run_quickstart(out: Path = DEFAULT_OUT, scale: float = 1.0) -> Report:
     """Every stage (see the module doc); returns what report.md shows."""
-    if not (steps_scale > 0 and math.isfinite(steps_scale)):
-        raise QuickstartError(f"--steps-scale must be a positive number, got {steps_scale}")
+    if not (scale > 0 and math.isfinite(scale)):
+        raise QuickstartError(f"--scale must be a positive number, got {scale}")
     _check_tools()
     out.mkdir(parents=True, exist_ok=True)
     report = Report(out)
     corpus, tokens = out / "corpus", out / "tokens"
-    _stage(report, "corpus", lambda: make_corpus(corpus, steps_scale))
+    _stage(report, "corpus", lambda: make_corpus(corpus, scale))
     codec_cfg = _stage(
         report,
         "codec",
-        lambda: _train(
-            "codec", out / "codec", steps_scale, f"codec_train.corpus=[{corpus / 'speech'}]"
-        ),
+        lambda: _train("codec", out / "codec", scale, f"codec_train.corpus=[{corpus / 'speech'}]"),
     )
     del codec_cfg
     codec_ckpt = out / "codec" / "codec.safetensors"
@@ -435,7 +452,7 @@ def run_quickstart(out: Path = DEFAULT_OUT, steps_scale: float = 1.0) -> Report:
         lambda: _train(
             "pretrain",
             out / "pretrain",
-            steps_scale,
+            scale,
             f"data.speech_paths=[{speech}]",
             f"data.interleaved_paths=[{speech}]",
             f"data.text_paths=[{tokens / 'text' / 'text-*'}]",
@@ -447,7 +464,7 @@ def run_quickstart(out: Path = DEFAULT_OUT, steps_scale: float = 1.0) -> Report:
         lambda: _train(
             "duplex",
             out / "duplex",
-            steps_scale,
+            scale,
             f"data.duplex_paths=[{tokens / 'dialogues' / 'train-*'}]",
             f"train.init_from={out / 'pretrain' / 'lm.safetensors'}",
         ),
@@ -466,9 +483,12 @@ def run_quickstart(out: Path = DEFAULT_OUT, steps_scale: float = 1.0) -> Report:
         )
 
     _stage(report, "evaluate", evaluate)
-    report.codec_eval, report.duplex_eval, report.duplex_reference = _stage(
-        report, "eval", lambda: evaluate_against_anchors(out, steps_scale)
-    )
+    (
+        report.codec_eval,
+        report.duplex_eval,
+        report.duplex_reference,
+        report.duplex_through_codec,
+    ) = _stage(report, "eval", lambda: evaluate_against_anchors(out, scale))
     report.reply = _stage(
         report,
         "reply",
@@ -481,10 +501,10 @@ def run_quickstart(out: Path = DEFAULT_OUT, steps_scale: float = 1.0) -> Report:
     return report
 
 
-def main(out: Path = DEFAULT_OUT, steps_scale: float = 1.0) -> None:
+def main(out: Path = DEFAULT_OUT, scale: float = 1.0) -> None:
     """Run the quickstart and print where the report went, with its headline numbers."""
     t0 = time.perf_counter()
-    report = run_quickstart(out, steps_scale)
+    report = run_quickstart(out, scale)
     c = report.codec
     print(
         f"codec: mel distance {c['untrained_mel']:.3f} -> {c['trained_mel']:.3f}, "

@@ -236,6 +236,35 @@ def test_scored_report_files(scored, tmp_path):
         assert (tmp_path / "out" / name).is_file(), name
 
 
+def test_through_codec(scored, dialogue, tmp_path):
+    """The set's assistant channel through a "codec": unchanged, it scores as the set does;
+    muted, nothing is answered; the user's channel, events and alignments pass as they are,
+    and an unreadable dialogue is skipped and counted."""
+    from sfm.eval.duplex import through_codec
+
+    root = tmp_path / "answers"
+    turn_ends = [(e.start + 0.4, None) for e in _events(dialogue, "turn_end")]
+    _write_set(root, dialogue, _model_channel(dialogue, turn_ends))
+    (root / "wav" / "bad.wav").write_bytes(b"not audio")
+    (root / "wav" / "bad.events.json").write_text(json.dumps({"events": []}))
+    with (root / "manifest.jsonl").open("a") as f:
+        f.write(json.dumps({"path": "wav/bad.wav"}) + "\n")
+    same = through_codec(lambda x: x, SAMPLE_RATE, root, tmp_path / "same")
+    expected = scored["answers"]["smooth_turn_taking"]
+    assert same["smooth_turn_taking"] == pytest.approx(expected, abs=1e-9)  # float sums
+    assert same["skipped"]["count"] == 1 and "bad.wav" in same["skipped"]["reasons"][0]
+    muted = through_codec(np.zeros_like, SAMPLE_RATE, root, tmp_path / "muted")
+    assert muted["smooth_turn_taking"]["tor"] == 0.0
+    import soundfile as sf
+
+    written = sf.read(tmp_path / "muted" / "dialogues" / "wav" / "d0.wav")[0]
+    source = sf.read(root / "wav" / "d0.wav")[0]
+    assert not written[:, 0].any()
+    np.testing.assert_array_equal(written[:, 1], source[:, 1])
+    for name in ("d0.events.json", "d0.json"):
+        assert (tmp_path / "muted" / "dialogues" / "wav" / name).is_file(), name
+
+
 def test_converse_command(dialogue, tmp_path):
     """`sfm eval duplex --config tiny --dialogues DIR`: each user channel through the engine
     (tiny random weights), the conversations written beside their events, then scored."""

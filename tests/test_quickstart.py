@@ -104,5 +104,5 @@ def test_rerun_skips_finished_stages(run: tuple[Path, quickstart.Report]) -> Non
 
 
 def test_bad_scale_is_one_line(tmp_path: Path) -> None:
-    with pytest.raises(quickstart.QuickstartError, match="--steps-scale must be a positive"):
+    with pytest.raises(quickstart.QuickstartError, match="--scale must be a positive"):
         quickstart.run_quickstart(tmp_path, 0.0)

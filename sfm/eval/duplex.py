@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -175,43 +175,90 @@ def converse_dialogues(
     4 s of silence so that the last turn can be answered; write the conversations (left:
     the model, right: the user) with the dialogues' events and alignments under
     out/conversations, and score them."""
-    from sfm.data.audio import AudioError, load_audio
+    from sfm.data.audio import load_audio
     from sfm.infer.converse import converse_many
 
     out = Path(out)
+    tail = np.zeros(int(RESPONSE_WINDOW_S * engine.sample_rate), np.float32)
+    read = lambda item: np.concatenate([load_audio(item.wav, engine.sample_rate, 1), tail])
+    kept, users, skipped = _load_channels(dialogues, limit, read)
+    with tqdm(total=len(kept), desc="conversations", unit="dialogue") as bar:
+        talks = converse_many(engine, users, progress=bar.update)
     wavs = out / "conversations" / "wav"
     wavs.mkdir(parents=True, exist_ok=True)
-    kept, users, skipped = [], [], []
-    tail = np.zeros(int(RESPONSE_WINDOW_S * engine.sample_rate), np.float32)
+    for item, talk in zip(kept, talks):
+        talk.write(wavs / f"{item.name}.wav")  # also NAME.json: the model's text with times
+        (wavs / f"{item.name}.json").rename(wavs / f"{item.name}.text.json")
+    _write_set(out / "conversations", kept, [t.stereo_tc.shape[0] / t.sample_rate for t in talks])
+    rtf = _mean_or_none([t.real_time_factor for t in talks])
+    engine_info = {"engine": {"slots": engine.slots, "real_time_factor": rtf}}
+    title = "Turn-taking (through the engine)"
+    return score_dialogues(out / "conversations", out, title, None, skipped, engine_info)
+
+
+def through_codec(
+    resynthesize: Callable[[np.ndarray], np.ndarray],
+    sample_rate: int,
+    dialogues: str | PathLike[str],
+    out: str | PathLike[str],
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Score the dialogues with their own assistant channel (left) passed through a codec
+    (`resynthesize`: mono audio at `sample_rate` -> the codec's encode + decode of it): what
+    a model that spoke exactly like the data, through that codec, would score. Beside the
+    clean channel's score this shows how much of a model's result its codec decides (the
+    scorer hears speech through VAD and ASR). Written to out/dialogues (the set) and out."""
+    from sfm.data.audio import load_audio, save_audio
+
+    out = Path(out)
+
+    def read(item: Dialogue) -> np.ndarray:
+        user_t = load_audio(item.wav, sample_rate, 1)
+        return np.stack([resynthesize(load_audio(item.wav, sample_rate, 0)), user_t], axis=1)
+
+    kept, stereo, skipped = _load_channels(dialogues, limit, read)
+    wavs = out / "dialogues" / "wav"
+    wavs.mkdir(parents=True, exist_ok=True)
+    for item, audio_tc in zip(kept, stereo):
+        save_audio(wavs / f"{item.name}.wav", audio_tc, sample_rate)
+    _write_set(out / "dialogues", kept, [len(a) / sample_rate for a in stereo])
+    title = "Turn-taking (the dialogues' own assistant, through the codec)"
+    return score_dialogues(out / "dialogues", out, title, None, skipped)
+
+
+def _load_channels(
+    dialogues: str | PathLike[str], limit: int | None, read: Callable[[Dialogue], np.ndarray]
+) -> tuple[list[Dialogue], list[np.ndarray], list[str]]:
+    """(dialogues, read(dialogue) of each, reasons for those skipped) of a set."""
+    from sfm.data.audio import AudioError
+
+    kept, audio, skipped = [], [], []
     for item in read_dialogues(dialogues, limit):
         try:
             if isinstance(item, DialogueError):
                 raise item
-            users.append(np.concatenate([load_audio(item.wav, engine.sample_rate, 1), tail]))
+            audio.append(read(item))
         except (DialogueError, AudioError) as e:
             print(f"eval duplex: skipped: {e}")
             skipped.append(str(e))
             continue
         kept.append(item)
-    with tqdm(total=len(kept), desc="conversations", unit="dialogue") as bar:
-        talks = converse_many(engine, users, progress=bar.update)
+    return kept, audio, skipped
+
+
+def _write_set(root: Path, dialogues: list[Dialogue], seconds: list[float]) -> None:
+    """Beside root/wav/NAME.wav (written by the caller): each dialogue's events and
+    alignments, and root/manifest.jsonl."""
+    wavs = root / "wav"
+    wavs.mkdir(parents=True, exist_ok=True)
     rows = []
-    for item, talk in zip(kept, talks):
-        target = wavs / f"{item.name}.wav"
-        talk.write(target)  # also target.json: the model's text tokens with times
-        target.with_suffix(".json").rename(wavs / f"{item.name}.text.json")
-        events = item.wav.with_suffix("").with_name(item.name + ".events.json")
+    for item, length in zip(dialogues, seconds):
+        events = item.wav.with_name(item.name + ".events.json")
         shutil.copy(events, wavs / events.name)
         if item.wav.with_suffix(".json").is_file():
-            shutil.copy(item.wav.with_suffix(".json"), target.with_suffix(".json"))
-        seconds = talk.stereo_tc.shape[0] / talk.sample_rate
-        rows.append({"path": f"wav/{target.name}", "duration": round(seconds, 4)})
-    manifest = out / "conversations" / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rtf = _mean_or_none([t.real_time_factor for t in talks])
-    engine_info = {"engine": {"slots": engine.slots, "real_time_factor": rtf}}
-    title = "Turn-taking (through the engine)"
-    return score_dialogues(out / "conversations", out, title, None, skipped, engine_info)
+            shutil.copy(item.wav.with_suffix(".json"), wavs / f"{item.name}.json")
+        rows.append({"path": f"wav/{item.name}.wav", "duration": round(length, 4)})
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _mean_or_none(values: list[float]) -> float | None:
@@ -225,4 +272,5 @@ __all__ = [
     "read_dialogues",
     "score",
     "score_dialogues",
+    "through_codec",
 ]

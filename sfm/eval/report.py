@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,17 +49,21 @@ def _pyplot() -> Any:
     return plt
 
 
-def duplex_table(metrics: dict[str, Any], reference: dict[str, Any] | None = None) -> list[str]:
-    """The turn-taking table: this set's figures (and, given, those of the dialogues' own
-    assistant channel: the best this data allows) beside the published systems'."""
-    ours = ["this set"] if reference is None else ["model", "reference assistant"]
-    header = ["metric", "better", *ours, *DUPLEX]
+def duplex_table(
+    metrics: dict[str, Any],
+    columns: Mapping[str, dict[str, Any]] | None = None,
+    targets: Mapping[str, str] | None = None,
+) -> list[str]:
+    """The turn-taking table: this set's figures, then more measured `columns` (name ->
+    metrics, e.g. the dialogues' own assistant channel: the best this data allows), beside
+    the published systems'; with `targets` (metrics.json path -> text) a column of them."""
+    ours = {"this set" if not columns else "model": metrics, **(columns or {})}
+    header = ["metric", "better", *(["target"] if targets is not None else []), *ours, *DUPLEX]
     rows = []
     for path, label, better in DUPLEX_ROWS:
-        values = [lookup(metrics, path)]
-        if reference is not None:
-            values.append(lookup(reference, path))
-        rows.append([label, better, *values, *(DUPLEX[s].get(path) for s in DUPLEX)])
+        goal = [] if targets is None else [targets.get(path, "")]
+        values = [lookup(m, path) for m in ours.values()]
+        rows.append([label, better, *goal, *values, *(DUPLEX[s].get(path) for s in DUPLEX)])
     return markdown_table(header, rows)
 
 

@@ -82,12 +82,14 @@ def _tightened(audio_16k: np.ndarray, start: float, end: float) -> tuple[float, 
     """A segment with its silent edges cut off: silero pads its segments (30 ms) and ends
     them late (its state decays after the voice stops: 60-130 ms measured on cut speech),
     so the edges move to the first and last 10 ms frame within 45 dB of the segment's
-    loudest."""
-    a = int(start * ASR_RATE)
+    loudest. Frames lie on the recording's 10 ms grid, so that a segment silero starts a
+    window (32 ms) earlier or later gets the same edges."""
+    hop = int(FRAME_S * ASR_RATE)
+    a = int(start * ASR_RATE) // hop * hop
     loud = np.flatnonzero(frame_db(audio_16k[a : int(end * ASR_RATE)], ASR_RATE) > SILENCE_DB)
     if not loud.size:
         return start, end
-    return float(start + loud[0] * FRAME_S), float(min(end, start + (loud[-1] + 1) * FRAME_S))
+    return float(a / ASR_RATE + loud[0] * FRAME_S), float(a / ASR_RATE + (loud[-1] + 1) * FRAME_S)
 
 
 def voice_activity(audio_16k: np.ndarray) -> list[tuple[float, float]]:
@@ -109,6 +111,9 @@ def _recognize(audio_16k: np.ndarray, offset_s: float) -> list[Word]:
     """pocketsphinx's words (fillers and silences dropped) of one stretch of audio."""
     pcm = (np.clip(audio_16k, -1.0, 1.0) * 32767).astype(np.int16).tobytes()
     decoder = _decoder()
+    # the feature front end keeps state from the last utterance (cepstral mean and more):
+    # reset, so that the same audio always gives the same words at the same times
+    decoder.reinit_feat()
     decoder.start_utt()
     decoder.process_raw(pcm, full_utt=True)
     decoder.end_utt()
