@@ -417,7 +417,10 @@ def write_report(report: Report) -> Path:
                   "channel encoded and decoded by the quickstart codec: the best a model "
                   "speaking through that codec can score (the scorer hears speech through "
                   "VAD and ASR). Published figures: Full-Duplex-Bench v1 on real speech, for "
-                  "context. Plots: eval/duplex/report.md.", ""]  # fmt: skip
+                  "context. More plots: eval/duplex/report.md.", ""]  # fmt: skip
+        lines += ["The model (VAD segments, ASR words) and the user over one held-out "
+                  "dialogue, its events marked:", "", "![timeline](eval/duplex/timeline.png)",
+                  ""]  # fmt: skip
     lines += ["## Reply (reply.wav: left generated, right user)", ""]
     lines += [f"- {k}: {v}" for k, v in report.reply.items()]
     path = report.out / "report.md"

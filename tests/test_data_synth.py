@@ -58,6 +58,17 @@ def test_word_timings_match_the_audio(engine: str) -> None:
         assert _speech_to_gap_ratio(utt) > 5, (text, voice)
 
 
+def test_flite_same_text_and_voice_same_audio() -> None:
+    """flite synthesis is a function of text and voice (its clustergen voices draw noise
+    excitation from libc's rand(), reseeded per utterance), whatever was spoken before.
+    (espeak-ng's durations still vary by a few ms from call to call.)"""
+    for voice in voices("flite"):
+        first = synthesize("The answer is seven and that is all.", voice).audio
+        synthesize("Something else entirely, with other sounds.", voice)
+        again = synthesize("The answer is seven and that is all.", voice).audio
+        np.testing.assert_array_equal(first, again, err_msg=voice.name)
+
+
 def test_sample_rate_and_numbers() -> None:
     utt16 = synthesize("The 12 cats sat.", Voice("flite", "slt"), 16000)
     utt24 = synthesize("The 12 cats sat.", Voice("flite", "slt"), 24000)

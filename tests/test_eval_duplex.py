@@ -8,6 +8,7 @@ definitions), then as audio through the VAD and the ASR (`sfm eval duplex --scor
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import asdict
 from pathlib import Path
@@ -234,6 +235,22 @@ def test_scored_report_files(scored, tmp_path):
     assert m["smooth_turn_taking"]["tor"] is None  # no dialogue scored: no events
     for name in ("metrics.json", "report.md", "tor.png", "latency.png"):
         assert (tmp_path / "out" / name).is_file(), name
+
+
+def test_scoring_in_worker_processes(dialogue, tmp_path, monkeypatch):
+    """Dialogues scored in two worker processes score exactly as in this one, in order."""
+    from sfm.eval import duplex
+
+    turn_ends = [(e.start + 0.4, None) for e in _events(dialogue, "turn_end")]
+    barge_ins = [(e.start - 1.2, e.start + 0.3) for e in _events(dialogue, "interruption")]
+    _write_set(tmp_path / "set", dialogue, _model_channel(dialogue, turn_ends), "answers")
+    _write_set(tmp_path / "set", dialogue, _model_channel(dialogue, barge_ins), "stops")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    two = duplex.score_dialogues(tmp_path / "set", tmp_path / "two")
+    monkeypatch.setattr(duplex, "SCORE_WORKERS", 1)
+    one = duplex.score_dialogues(tmp_path / "set", tmp_path / "one")
+    assert [r["dialogue"] for r in two["dialogues"]] == ["answers", "stops"]
+    assert two == one
 
 
 def test_through_codec(scored, dialogue, tmp_path):

@@ -74,7 +74,12 @@ def test_report_and_reply(run: tuple[Path, quickstart.Report]) -> None:
     assert set(report.codec_eval) == {"synthetic (flite)", "real speech"}
     assert report.duplex_eval["skipped"]["count"] == 0
     assert len(report.duplex_eval["dialogues"]) == 4  # 50 at full length
-    for name in ("codec/report.md", "duplex/report.md", "duplex/timeline.png"):
+    # the dialogues' own assistant channel through the quickstart codec, and the targets
+    assert len(report.duplex_through_codec["dialogues"]) == 4
+    assert "reference through the codec" in text and "| >= 0.8 |" in text
+    assert "![timeline](eval/duplex/timeline.png)" in text
+    for name in ("codec/report.md", "duplex/report.md", "duplex/timeline.png",
+                 "duplex_codec/metrics.json"):  # fmt: skip
         assert (out / "eval" / name).is_file(), name
 
 

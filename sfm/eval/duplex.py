@@ -16,8 +16,11 @@ malformed events) is skipped with one line naming the file, and counted.
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -33,6 +36,7 @@ from sfm.eval.speech import Speech, Word, listen
 from sfm.eval.turn_taking import RESPONSE_WINDOW_S, DialogueScore, aggregate, score_dialogue
 
 EVENT_KINDS = ("turn_end", "pause", "backchannel", "interruption")
+SCORE_WORKERS = 8
 
 
 class DialogueError(ValueError):
@@ -130,6 +134,44 @@ def score(dialogue: Dialogue) -> tuple[DialogueScore, Speech, Speech | None]:
     return scored, model, user_speech
 
 
+def _score_or_error(
+    item: Dialogue | DialogueError,
+) -> tuple[DialogueScore, Dialogue, Speech, Speech | None] | DialogueError:
+    """(score, dialogue, model's speech, user's speech or None) of a dialogue, or its error."""
+    if isinstance(item, DialogueError):
+        return item
+    try:
+        scored, model, user_speech = score(item)
+    except DialogueError as e:
+        return e
+    return scored, item, model, user_speech
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _scored(items: list[Dialogue | DialogueError]) -> Iterator[Any]:
+    """`_score_or_error` of each item, in order, the dialogues split over worker processes
+    (one per core, at most SCORE_WORKERS): recognizing speech is most of the time."""
+    dialogues = sum(isinstance(item, Dialogue) for item in items)
+    workers = min(SCORE_WORKERS, os.cpu_count() or 1, dialogues)
+    with (
+        tqdm(total=len(items), desc="scoring dialogues", unit="dialogue") as bar,
+        ExitStack() as stack,
+    ):
+        results: Iterator[Any] = map(_score_or_error, items)
+        if workers > 1:
+            context = multiprocessing.get_context("spawn")  # the parent may run JAX: no fork
+            pool = stack.enter_context(context.Pool(workers, initializer=_one_thread))
+            results = pool.imap(_score_or_error, items)
+        for result in results:
+            bar.update()
+            yield result
+
+
 def score_dialogues(
     dialogues: str | PathLike[str],
     out: str | PathLike[str],
@@ -146,24 +188,19 @@ def score_dialogues(
     scores: list[DialogueScore] = []
     reasons = list(skipped)
     example = None
-    items = list(read_dialogues(dialogues, limit))
-    for item in tqdm(items, desc="scoring dialogues", unit="dialogue"):
-        try:
-            if isinstance(item, DialogueError):
-                raise item
-            scored, model, user_speech = score(item)
-        except DialogueError as e:
-            print(f"eval duplex: skipped: {e}")
-            reasons.append(str(e))
+    for item in _scored(list(read_dialogues(dialogues, limit))):
+        if isinstance(item, DialogueError):
+            print(f"eval duplex: skipped: {item}")
+            reasons.append(str(item))
             continue
-        scores.append(scored)
+        scores.append(item[0])
         if example is None:
-            example = (item, model, user_speech)
+            example = item
     metrics = aggregate(scores)
     metrics["skipped"] = {"count": len(reasons), "reasons": reasons}
     metrics |= extra or {}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    write_duplex_report(out, title, metrics, scores, example)
+    write_duplex_report(out, title, metrics, scores, example and example[1:])
     return metrics
 
 
