@@ -334,8 +334,14 @@ def _flite() -> _Flite:
     return _Flite()
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c"))
+
+
 def _flite_synthesize(text: str, voice: Voice, sample_rate: int) -> Utterance:
     """flite speech for `text` with word timings."""
+    _libc().srand(0)  # the clustergen voices draw their noise excitation from rand()
     audio, rate, words = _flite().synth(text, voice)
     return Utterance(_finish(words, audio, rate, sample_rate), words, text, voice)
 
@@ -363,18 +369,12 @@ def voices(engine: str) -> list[Voice]:
     raise SynthError(f"unknown speech engine {engine!r} (choose from {', '.join(ENGINES)})")
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c"))
-
-
 def synthesize(text: str, voice: Voice, sample_rate: int = 24000) -> Utterance:
     """Speak `text` with `voice`: float32 mono audio at `sample_rate` and word timings.
     With flite the same text and voice always give the same audio; espeak-ng's timing
     varies by a few milliseconds from call to call."""
     if not text.strip():
         raise SynthError("nothing to synthesize: empty text")
-    _libc().srand(0)  # flite's clustergen voices draw their noise excitation from rand()
     if voice.engine == "espeak":
         return _espeak_synthesize(text, voice, sample_rate)
     if voice.engine == "flite":

@@ -7,10 +7,13 @@ alignments (`NAME.json`, optional: without them the user's words come from ASR).
 
     score_dialogues("dialogues/", "out/")               # any system's conversations
     converse_dialogues(engine, "held_out/", "out/")      # the model answers each user channel
+    through_codec(resynthesize, 24000, "held_out/", "out/")  # the data's replies via a codec
 
-Both write out/metrics.json (`sfm.eval.turn_taking.aggregate`, plus what was skipped and
+Each writes out/metrics.json (`sfm.eval.turn_taking.aggregate`, plus what was skipped and
 why), out/report.md and its plots. A dialogue that cannot be read (missing or corrupt WAV,
-malformed events) is skipped with one line naming the file, and counted.
+malformed events) is skipped with one line naming the file, and counted. Dialogues are
+scored in worker processes (spawned, one per core): a script calling these at its top level
+needs an `if __name__ == "__main__":` guard.
 """
 
 from __future__ import annotations
@@ -148,8 +151,10 @@ def _score_or_error(
 
 
 def _one_thread() -> None:
-    import torch
-
+    try:
+        import torch
+    except ImportError:  # listen() names the missing extra
+        return
     torch.set_num_threads(1)
 
 
@@ -157,7 +162,7 @@ def _scored(items: list[Dialogue | DialogueError]) -> Iterator[Any]:
     """`_score_or_error` of each item, in order, the dialogues split over worker processes
     (one per core, at most SCORE_WORKERS): recognizing speech is most of the time."""
     dialogues = sum(isinstance(item, Dialogue) for item in items)
-    workers = min(SCORE_WORKERS, os.cpu_count() or 1, dialogues)
+    workers = min(SCORE_WORKERS, len(os.sched_getaffinity(0)), dialogues)
     with (
         tqdm(total=len(items), desc="scoring dialogues", unit="dialogue") as bar,
         ExitStack() as stack,
@@ -193,14 +198,15 @@ def score_dialogues(
             print(f"eval duplex: skipped: {item}")
             reasons.append(str(item))
             continue
-        scores.append(item[0])
+        scored, dialogue, model, user_speech = item
+        scores.append(scored)
         if example is None:
-            example = item
+            example = (dialogue, model, user_speech)
     metrics = aggregate(scores)
     metrics["skipped"] = {"count": len(reasons), "reasons": reasons}
     metrics |= extra or {}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    write_duplex_report(out, title, metrics, scores, example and example[1:])
+    write_duplex_report(out, title, metrics, scores, example)
     return metrics
 
 
@@ -242,16 +248,18 @@ def through_codec(
 ) -> dict[str, Any]:
     """Score the dialogues with their own assistant channel (left) passed through a codec
     (`resynthesize`: mono audio at `sample_rate` -> the codec's encode + decode of it): what
-    a model that spoke exactly like the data, through that codec, would score. Beside the
-    clean channel's score this shows how much of a model's result its codec decides (the
-    scorer hears speech through VAD and ASR). Written to out/dialogues (the set) and out."""
+    a model that spoke exactly like the data, through that codec, would score (with the
+    codec's delay, as that model would have it). Beside the clean channel's score this shows
+    how much of a model's result its codec decides (the scorer hears speech through VAD and
+    ASR). Written to out/dialogues (the set) and out."""
     from sfm.data.audio import load_audio, save_audio
 
     out = Path(out)
 
     def read(item: Dialogue) -> np.ndarray:
         user_t = load_audio(item.wav, sample_rate, 1)
-        return np.stack([resynthesize(load_audio(item.wav, sample_rate, 0)), user_t], axis=1)
+        model_t = resynthesize(load_audio(item.wav, sample_rate, 0))[: len(user_t)]
+        return np.stack([np.pad(model_t, (0, len(user_t) - len(model_t))), user_t], axis=1)
 
     kept, stereo, skipped = _load_channels(dialogues, limit, read)
     wavs = out / "dialogues" / "wav"
