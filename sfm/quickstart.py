@@ -324,11 +324,12 @@ def evaluate_against_anchors(out: Path, scale: float) -> tuple[dict, dict, dict,
     utterances, dialogues = max(2, round(EVAL_UTTERANCES * size)), max(4, round(50 * size))
     files = run_files(out)
     sets = default_sets(out / "eval", utterances)
-    codec = eval_codec(files.codec, out / "eval" / "codec", sets, utterances)
+    built = codec_system(files.codec)  # compiled once, for both uses
+    codec = eval_codec(files.codec, out / "eval" / "codec", sets, utterances, built=built)
     held_out = held_out_dialogues(out / "eval", dialogues)
     duplex = converse_dialogues(duplex_engine(files), held_out, out / "eval" / "duplex", dialogues)
     reference = score_dialogues(held_out, out / "eval" / "duplex_reference", limit=dialogues)
-    _, rate, (_, resynthesize) = codec_system(files.codec)
+    _, rate, (_, resynthesize) = built
     coded = through_codec(resynthesize, rate, held_out, out / "eval" / "duplex_codec", dialogues)
     return codec, duplex, reference, coded
 

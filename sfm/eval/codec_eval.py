@@ -282,14 +282,16 @@ def eval_codec(
     sets: dict[str, str | PathLike[str]] | None = None,
     limit: int | None = None,
     config: str | None = None,
+    built: tuple[str, int, tuple[float, Callable[[np.ndarray], np.ndarray]]] | None = None,
 ) -> dict[str, Any]:
     """`sfm eval codec`: the checkpoint and the classical anchors on every set; writes
-    out/metrics.json and out/report.md with its plot."""
+    out/metrics.json and out/report.md with its plot. `built`: the checkpoint's
+    `codec_system`, when the caller already has it."""
     from sfm.eval.report import write_codec_report
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    name, rate, system = codec_system(checkpoint, config)
+    name, rate, system = built or codec_system(checkpoint, config)
     results = evaluate(
         {name: system, **classical_systems(rate)}, sets or default_sets(out), rate, limit
     )

@@ -252,13 +252,14 @@ def through_codec(
     codec's delay, as that model would have it). Beside the clean channel's score this shows
     how much of a model's result its codec decides (the scorer hears speech through VAD and
     ASR). Written to out/dialogues (the set) and out."""
-    from sfm.data.audio import load_audio, save_audio
+    from sfm.data.audio import resample, save_audio
 
     out = Path(out)
 
     def read(item: Dialogue) -> np.ndarray:
-        user_t = load_audio(item.wav, sample_rate, 1)
-        model_t = resynthesize(load_audio(item.wav, sample_rate, 0))[: len(user_t)]
+        audio_tc, rate = _channels(item.wav)  # read once, checked as scoring checks it
+        user_t = resample(audio_tc[:, 1], rate, sample_rate)
+        model_t = resynthesize(resample(audio_tc[:, 0], rate, sample_rate))[: len(user_t)]
         return np.stack([np.pad(model_t, (0, len(user_t) - len(model_t))), user_t], axis=1)
 
     kept, stereo, skipped = _load_channels(dialogues, limit, read)
