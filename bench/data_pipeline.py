@@ -27,7 +27,8 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
 from sfm.data import pipeline as pl  # noqa: E402
-from sfm.data.tokenize import shard_name, text_record_bytes, write_shard  # noqa: E402
+from sfm.data.tokenize import shard_name, write_shard  # noqa: E402
+from sfm.data.tokenize_text import text_record_bytes  # noqa: E402
 from sfm.lm import layout as lay  # noqa: E402
 from sfm.testing.records import FRAME_RATE, speech_record  # noqa: E402
 

@@ -96,7 +96,8 @@ def compile_depth_frame(
 ) -> CompileReport:
     """Compile one frame of `kind`'s depth transformer for one `chip` core (libtpu)."""
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from sfm.train.aot import parse_topology, topology_devices, without_compilation_cache
+    from sfm.parallel.topology import parse_topology, topology_devices
+    from sfm.train.aot import without_compilation_cache
 
     info = pltpu.get_tpu_info_for_chip(getattr(pltpu.ChipVersion, CHIP_VERSION[chip]), 1)
     capacity = int(info.vmem_capacity_bytes)
@@ -130,7 +131,8 @@ def compile_grouped_matmul(chip: str, impl: str, rows: int = 4096) -> CompileRep
     (x [8, rows, 1024] x w [8, 5632, 1024], bfloat16) for one `chip` core."""
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from sfm.kernels.grouped_matmul import grouped_matmul
-    from sfm.train.aot import parse_topology, topology_devices, without_compilation_cache
+    from sfm.parallel.topology import parse_topology, topology_devices
+    from sfm.train.aot import without_compilation_cache
 
     info = pltpu.get_tpu_info_for_chip(getattr(pltpu.ChipVersion, CHIP_VERSION[chip]), 1)
     k, d, f = 8, 1024, 5632

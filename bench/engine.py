@@ -86,7 +86,8 @@ def run_engine(engine: Engine, wav_btf: np.ndarray) -> dict[str, float]:
 
 def moshi_pair(cfg: Config) -> tuple[Any, Any, Mimi, LM]:
     """Random moshi Mimi + LMModel shaped like `cfg`, and the same weights in sfm."""
-    from sfm.io.moshi_lm import import_moshi_lm, moshi_lm_kwargs
+    from sfm.io.moshi_lm import import_moshi_lm
+    from sfm.io.moshi_lm_config import moshi_lm_kwargs
     from sfm.testing.moshi_reference import (
         build_moshi_lm,
         build_moshi_mimi,

@@ -45,7 +45,8 @@ import torch.nn.functional as F  # noqa: E402
 from flax import nnx  # noqa: E402
 from moshi.models.lm import LMGen  # noqa: E402
 
-from sfm.io.moshi_lm import import_moshi_lm, lm_config_from_moshi  # noqa: E402
+from sfm.io.moshi_lm import import_moshi_lm  # noqa: E402
+from sfm.io.moshi_lm_config import lm_config_from_moshi  # noqa: E402
 from sfm.lm.config import LMConfig  # noqa: E402
 from sfm.lm.generate import Generator, SamplingConfig, _step  # noqa: E402
 from sfm.lm.layout import INITIAL, apply_delays  # noqa: E402

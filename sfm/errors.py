@@ -15,3 +15,10 @@ class SfmError(Exception):
 
 class ConfigError(SfmError, ValueError):
     """A bad config file, key, value or override; the message is one line naming it."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-blank line of an error's message (its type's name when it has none):
+    what a one-line error keeps of a library's multi-line one."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__

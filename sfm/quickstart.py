@@ -25,12 +25,10 @@ run, 2 for a run of the same recipe twice as long.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,48 +41,21 @@ from flax import nnx
 
 from sfm.config import Config, load_config
 from sfm.errors import SfmError
+from sfm.quickstart_report import Report, plot_runs, write_report
 
 DEFAULT_OUT = Path("out/quickstart")
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "quickstart"
 SPEECH_MINUTES = 20.0
-DIALOGUE_MINUTES = 20.0
+DIALOGUE_MINUTES = 60.0
 TEXT_LINES = 20000
 VALIDATION_FRACTION = 0.1
 EVAL_BATCHES = 16
 EVAL_UTTERANCES = 8  # per codec evaluation set
 VOCAB = 512  # = lm.text_card of configs/quickstart/pretrain.yaml
-# What the quickstart's duplex model should reach on the held-out dialogues (Full-Duplex-Bench
-# v1 definitions, metrics.json paths) and its codec on held-out flite speech.
-TURN_TAKING_TARGETS = {
-    "pause_handling.tor": "<= 0.3",
-    "smooth_turn_taking.tor": ">= 0.8",
-    "smooth_turn_taking.latency_s": "<= 0.5",
-    "user_interruption.tor": ">= 0.8",
-    "user_interruption.latency_s": "<= 0.5",
-}
-CODEC_TARGETS = (
-    "WER <= 0.5 and a mel distance well below the first quickstart codec's (0.87 on the "
-    "held-out utterances of the table above)"
-)
 
 
 class QuickstartError(SfmError, ValueError):
     """A missing tool or failed step of the quickstart; the message is one line."""
-
-
-@dataclass
-class Report:
-    """Everything report.md shows, filled stage by stage."""
-
-    out: Path
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    codec: dict[str, float] = field(default_factory=dict)
-    lm: dict[str, dict[str, float]] = field(default_factory=dict)
-    reply: dict[str, str] = field(default_factory=dict)
-    codec_eval: dict[str, Any] = field(default_factory=dict)  # `sfm eval codec`'s results
-    duplex_eval: dict[str, Any] = field(default_factory=dict)  # `sfm eval duplex`'s metrics
-    duplex_reference: dict[str, Any] = field(default_factory=dict)  # the data's own assistant
-    duplex_through_codec: dict[str, Any] = field(default_factory=dict)  # ... through the codec
 
 
 def _stage(report: Report, name: str, fn: Callable[[], Any]) -> Any:
@@ -126,7 +97,8 @@ def make_corpus(out: Path, scale: float) -> None:
 def tokenize(corpus: Path, codec_ckpt: Path, out: Path) -> Path:
     """SentencePiece model, then code+text shards of both corpora and text-only shards."""
     from sfm.data.tfds_speech import prepare
-    from sfm.data.tokenize import tokenize_dataset, tokenize_text
+    from sfm.data.tokenize import tokenize_dataset
+    from sfm.data.tokenize_text import tokenize_text
     from sfm.data.tokenizer import train_tokenizer, training_texts
 
     out.mkdir(parents=True, exist_ok=True)
@@ -153,14 +125,13 @@ def tokenize(corpus: Path, codec_ckpt: Path, out: Path) -> Path:
 # ---------------------------------------------------------------- training
 
 
-def _train(preset: str, out: Path, scale: float, *overrides: str) -> Config:
-    """`sfm train configs/quickstart/PRESET.yaml` with the steps scaled; returns the config."""
-    from sfm.train.loop import train
-
+def stage_config(preset: str, out: Path, scale: float, *overrides: str) -> Config:
+    """The config of `sfm train configs/quickstart/PRESET.yaml` into `out` with its steps
+    times `scale` (and the logging and checkpoint intervals to suit), then `overrides`."""
     base = load_config(CONFIGS / f"{preset}.yaml", [])
     steps = max(2, round(base.train.steps * scale))
     every = max(1, min(base.train.log_every, steps // 5))
-    cfg = load_config(
+    return load_config(
         CONFIGS / f"{preset}.yaml",
         [
             *overrides,
@@ -170,13 +141,15 @@ def _train(preset: str, out: Path, scale: float, *overrides: str) -> Config:
             f"train.ckpt_every={max(1, steps // 2)}",
         ],
     )
-    summary = train(cfg)
-    print(summary.line())
+
+
+def _train(preset: str, out: Path, scale: float, *overrides: str) -> Config:
+    """Train the quickstart stage `preset` (see `stage_config`); returns its config."""
+    from sfm.train.loop import train
+
+    cfg = stage_config(preset, out, scale, *overrides)
+    print(train(cfg).line())
     return cfg
-
-
-def _metrics(run: Path) -> list[dict[str, float]]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 # ---------------------------------------------------------------- evaluation
@@ -282,8 +255,7 @@ def generate_reply(
     engine (streaming encode, LM frame step, streaming decode); write reply.wav (left: the
     model, right: the user) and reply.json (its text with times) and return both texts."""
     from sfm.data.audio import load_audio
-    from sfm.data.tokenizer import load_tokenizer
-    from sfm.eval.suite import eval_sampling
+    from sfm.data.tokenizer import decode_stream, load_tokenizer
     from sfm.infer.converse import converse
     from sfm.infer.engine import Engine
     from sfm.io.codec import build_codec, load_run_config
@@ -292,21 +264,17 @@ def generate_reply(
     record = next(_records(shard))
     codec = build_codec(load_run_config(None, codec_ckpt, ()), codec_ckpt)
     user_t = load_audio(corpus / "dialogues" / record["path"], codec.cfg.sample_rate, channel=1)
-    engine = Engine(codec, _load_lm(cfg, weights), 1, eval_sampling(cfg.lm.card), seed=cfg.seed)
+    engine = Engine(codec, _load_lm(cfg, weights), 1, cfg.sampling, seed=cfg.seed)
     talk = converse(engine, user_t, pad_ids=(TEXT_PAD, TEXT_EPAD))
     talk.write(out / "reply.wav")
     sp = load_tokenizer(spm)
-
-    def words(tokens: Sequence[int]) -> str:
-        return sp.decode([int(t) for t in tokens if t not in (TEXT_PAD, TEXT_EPAD) and t >= 0])
-
     return {
         "dialogue": str(record["path"]),
         "seconds": f"{talk.stereo_tc.shape[0] / talk.sample_rate:.1f}",
         "real-time factor": f"{talk.real_time_factor:.2f}",
-        "generated assistant text": words([token for _, token, _ in talk.text]),
-        "reference assistant text": words(np.asarray(record["text"][0]).tolist()),
-        "user text": words(np.asarray(record["text"][1]).tolist()),
+        "generated assistant text": decode_stream(sp, [token for _, token, _ in talk.text]),
+        "reference assistant text": decode_stream(sp, np.asarray(record["text"][0]).tolist()),
+        "user text": decode_stream(sp, np.asarray(record["text"][1]).tolist()),
     }
 
 
@@ -332,107 +300,6 @@ def evaluate_against_anchors(out: Path, scale: float) -> tuple[dict, dict, dict,
     _, rate, (_, resynthesize) = built
     coded = through_codec(resynthesize, rate, held_out, out / "eval" / "duplex_codec", dialogues)
     return codec, duplex, reference, coded
-
-
-# ---------------------------------------------------------------- report
-
-
-def _plot(path: Path, title: str, curves: dict[str, tuple[list[int], list[float]]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for label, (x, y) in curves.items():
-        ax.plot(x, y, label=label)
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_runs(out: Path) -> None:
-    """codec.png (mel distance, generator loss) and lm.png (text / cb0 CE per LM run)."""
-    codec = _metrics(out / "codec")
-    steps = [r["step"] for r in codec]
-    _plot(out / "codec.png", "codec training", {"mel loss": (steps, [r["mel"] for r in codec])})
-    curves: dict[str, tuple[list[int], list[float]]] = {}
-    for run in ("pretrain", "duplex"):
-        rows = _metrics(out / run)
-        x = [r["step"] for r in rows]
-        curves[f"{run} text CE"] = (x, [r["text_ce"] for r in rows])
-        curves[f"{run} cb0 CE"] = (x, [r["cb0_ce"] for r in rows])
-    _plot(out / "lm.png", "LM training (nats)", curves)
-
-
-def write_report(report: Report) -> Path:
-    """report.md: stage times, codec and LM metrics, the evaluations, the reply."""
-    from sfm.eval.report import codec_table, duplex_table
-
-    c = report.codec
-    lines = [
-        "# sfm quickstart",
-        "",
-        "| stage | seconds |",
-        "|---|---:|",
-        *[f"| {k} | {v:.1f} |" for k, v in report.stage_seconds.items()],
-        "",
-        "## Codec (held-out utterances)",
-        "",
-        "| codec | mel distance | SI-SDR (dB) |",
-        "|---|---:|---:|",
-        f"| untrained | {c['untrained_mel']:.3f} | {c['untrained_si_sdr']:.2f} |",
-        f"| trained | {c['trained_mel']:.3f} | {c['trained_si_sdr']:.2f} |",
-        "",
-        "![codec](codec.png)",
-        "",
-        "## LM (held-out windows, nats per token)",
-        "",
-        "The unigram entropy is that of the very targets scored: the best any model that",
-        "ignores context can do.",
-        "",
-        "| run | stream | cross-entropy | unigram entropy | ratio | positions |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for run, m in report.lm.items():
-        for stream, name in (("text", "text"), ("cb0", "semantic codebook")):
-            ce, base = m[f"{stream}_ce"], m[f"{stream}_unigram"]
-            lines.append(
-                f"| {run} | {name} | {ce:.3f} | {base:.3f} | {ce / base:.2f} | "
-                f"{int(m[f'{stream}_positions'])} |"
-            )
-    lines += ["", "![lm](lm.png)", ""]
-    for set_name, result in report.codec_eval.items():
-        lines += [f"## Codec beside classical codecs: {set_name} ({result['utterances']} "
-                  "utterances)", "", *codec_table(result["rows"]), ""]  # fmt: skip
-    if report.codec_eval:
-        lines += [f"Targets: {CODEC_TARGETS}. WER: pocketsphinx (the original's row is the "
-                  "recognizer's own). Details: eval/codec/report.md.", ""]  # fmt: skip
-    if report.duplex_eval:
-        n = len(report.duplex_eval["dialogues"])
-        lines += [f"## Turn-taking ({n} held-out dialogues, through the engine)", ""]
-        columns = {"reference assistant": report.duplex_reference,
-                   "reference through the codec": report.duplex_through_codec}  # fmt: skip
-        lines += [*duplex_table(report.duplex_eval, columns, TURN_TAKING_TARGETS), ""]
-        lines += ["The reference assistant is the held-out dialogues' own assistant channel "
-                  "scored the same way: the best this data allows under the benchmark's rules "
-                  "(a one-word reply does not take the turn); through the codec, the same "
-                  "channel encoded and decoded by the quickstart codec: the best a model "
-                  "speaking through that codec can score (the scorer hears speech through "
-                  "VAD and ASR). Published figures: Full-Duplex-Bench v1 on real speech, for "
-                  "context. More plots: eval/duplex/report.md.", ""]  # fmt: skip
-        if (report.out / "eval" / "duplex" / "timeline.png").is_file():
-            lines += ["The model (VAD segments, ASR words) and the user over one held-out "
-                      "dialogue, its events marked:", "",
-                      "![timeline](eval/duplex/timeline.png)", ""]  # fmt: skip
-    lines += ["## Reply (reply.wav: left generated, right user)", ""]
-    lines += [f"- {k}: {v}" for k, v in report.reply.items()]
-    path = report.out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 # ---------------------------------------------------------------- the job

@@ -18,6 +18,7 @@ from sfm import cli
 from sfm.config import ConfigError, load_config
 from sfm.lm.model import LM
 from sfm.parallel.mesh import build_mesh
+from sfm.parallel.topology import TopologyError, parse_topology, topology_devices
 from sfm.train import aot
 from sfm.train.step import build_train_step
 from sfm.train.tasks import LMTask
@@ -55,15 +56,15 @@ needs_libtpu = pytest.mark.skipif(
 def test_cloud_names_map_to_libtpu_topologies(
     name: str, libtpu_name: str, chips: int, per_host: tuple[int, ...], wrap: bool
 ) -> None:
-    topo = aot.parse_topology(name)
+    topo = parse_topology(name)
     assert (topo.libtpu_name, topo.chips, topo.chips_per_host) == (libtpu_name, chips, per_host)
     assert topo.wrap == (wrap,) * 3
 
 
 @pytest.mark.parametrize("name", ["v5p-12", "v5e-3", "v7-8", "v5p:2x2", "tpu"])
 def test_bad_topology_names_fail_in_one_line(name: str) -> None:
-    with pytest.raises(aot.AotError, match="topology") as info:
-        aot.parse_topology(name)
+    with pytest.raises(TopologyError, match="topology") as info:
+        parse_topology(name)
     assert "\n" not in str(info.value)
 
 
@@ -108,7 +109,7 @@ def test_a_global_batch_that_does_not_divide_over_the_hosts_is_refused() -> None
     cfg = load_config(TINY, ["data.batch_size=6", "mesh.ici_data=2", "mesh.ici_fsdp=1"])
     batch = aot.abstract_batch(cfg, LMTask(), build_mesh(cfg.mesh, jax.devices()[:2]))
     assert batch["tokens"].shape == (6, cfg.lm.n_streams, 32)  # one host, 2-way: fine
-    v5p_32 = aot.topology_devices(aot.parse_topology("v5p-32"))  # 4 hosts x 4 chips
+    v5p_32 = topology_devices(parse_topology("v5p-32"))  # 4 hosts x 4 chips
     four_hosts = build_mesh(load_config(TINY, ["mesh.ici_data=2", "mesh.ici_fsdp=-1"]).mesh, v5p_32)
     with pytest.raises(ConfigError, match=r"data.batch_size: the global batch 6 must divide"):
         aot.abstract_batch(cfg, LMTask(), four_hosts)

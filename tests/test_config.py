@@ -13,14 +13,13 @@ from sfm.config import (
     Config,
     ConfigError,
     dump_yaml,
-    from_dict,
     load_config,
     load_stored_config,
     parse_override,
     resolve_preset,
-    to_dict,
 )
 from sfm.parallel.config import DEFAULT_RULES, MeshConfig
+from sfm.typed import from_dict, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MIMI = CONFIGS / "codec" / "mimi.yaml"
@@ -381,6 +380,23 @@ def test_configs_stored_by_older_versions_still_load() -> None:
             yaml.safe_dump(old, sort_keys=False), "old.safetensors", ["codec.nope=1"]
         )
     assert str(err.value).startswith("old.safetensors (stored config): codec.nope: unknown key")
+    with pytest.raises(ConfigError) as err:  # a moved key is dropped from the file, not from
+        load_stored_config(yaml.safe_dump(old), "old.safetensors", ["data.n_q=4"])  # the user
+    assert str(err.value) == "data.n_q: no longer a setting: the LM's lm.n_q is used"
+
+
+def test_sampling_is_a_checked_section_stored_with_the_run() -> None:
+    """Runs built on the tiny LM sample audio over half its 64-entry codebooks; a run saved
+    without the section samples with Moshi's defaults; bad values name their key."""
+    tiny = load_config(resolve_preset("tiny", "lm"), ["sampling.temp_text=1.0"])
+    assert (tiny.sampling.top_k, tiny.sampling.temp_text, tiny.sampling.top_k_text) == (32, 1.0, 25)
+    stored = to_dict(tiny)
+    assert load_stored_config(yaml.safe_dump(stored), "run").sampling == tiny.sampling
+    del stored["sampling"]
+    assert load_stored_config(yaml.safe_dump(stored), "run").sampling.top_k == 250
+    for bad in ("sampling.temp_text=-1", "sampling.top_k=-2", "sampling.temp=.nan"):
+        with pytest.raises(ConfigError, match=rf"^{bad.split('=')[0]}: must be a number >= 0"):
+            load_config(None, [bad])
 
 
 def test_a_preset_setting_a_moved_key_is_told_where_it_went(tmp_path: Path) -> None:

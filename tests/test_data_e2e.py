@@ -14,7 +14,8 @@ from sfm.data.dialogues import synth_dialogues
 from sfm.data.synth_corpus import synth_corpus
 from sfm.data.text import sentences
 from sfm.data.tfds_speech import prepare
-from sfm.data.tokenize import read_record, read_text_record, tokenize_dataset, tokenize_text
+from sfm.data.tokenize import read_record, tokenize_dataset
+from sfm.data.tokenize_text import read_text_record, tokenize_text
 from sfm.data.tokenizer import train_tokenizer, training_texts
 from sfm.lm import layout as lay
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from sfm.data import pipeline as pl
+from sfm.data.tokenize import write_shard
 from sfm.lm import layout as lay
-from sfm.testing.records import speech_record, write_shard
+from sfm.testing.records import speech_record
 
 K, SEQ = 4, 40
 DELAYS = lay.moshi_delays(K)

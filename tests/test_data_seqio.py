@@ -15,8 +15,9 @@ from sfm.data.seqio_tasks import (
     register_tasks,
     task_name,
 )
+from sfm.data.tokenize import write_shard
 from sfm.lm import layout as lay
-from sfm.testing.records import speech_record, write_shard
+from sfm.testing.records import speech_record
 
 seqio = pytest.importorskip("seqio")
 

@@ -11,16 +11,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from sfm.data.corpus import REASONS, SAMPLE_RATE, BadRecords, CorpusError
 from sfm.data.librispeech import convert_librispeech
-from sfm.data.tfds_speech import (
-    REASONS,
-    SAMPLE_RATE,
-    BadRecords,
-    CorpusError,
-    example_features,
-    main,
-    prepare,
-)
+from sfm.data.tfds_speech import example_features, main, prepare
 
 RATE = SAMPLE_RATE
 

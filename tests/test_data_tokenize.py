@@ -20,15 +20,15 @@ from sfm.data.dialogues import synth_dialogues
 from sfm.data.synth_corpus import synth_corpus
 from sfm.data.text import sentences
 from sfm.data.tfds_speech import prepare
-from sfm.data.tokenize import (
-    Summary,
-    pack_lines,
-    read_record,
-    read_text_record,
-    tokenize_dataset,
-    tokenize_text,
+from sfm.data.tokenize import Summary, read_record, tokenize_dataset
+from sfm.data.tokenize_text import pack_lines, read_text_record, tokenize_text
+from sfm.data.tokenizer import (
+    EPAD_PIECE,
+    decode_stream,
+    load_tokenizer,
+    train_tokenizer,
+    training_texts,
 )
-from sfm.data.tokenizer import EPAD_PIECE, load_tokenizer, train_tokenizer, training_texts
 from sfm.io.codec import build_codec, load_run_config
 from sfm.lm.layout import TEXT_EPAD, TEXT_PAD
 
@@ -86,6 +86,17 @@ def test_tokenizer_reserves_pad_ids(tokenizer: Path) -> None:
     assert sp.id_to_piece(TEXT_EPAD) == EPAD_PIECE and sp.pad_id() == TEXT_PAD
     ids = sp.encode("hello world, the quick brown fox")
     assert ids and TEXT_EPAD not in ids and TEXT_PAD not in ids
+
+
+def test_decode_stream_leaves_out_pads_and_ids_without_a_piece(tokenizer: Path) -> None:
+    sp = load_tokenizer(tokenizer)
+    words = sp.encode("the quick brown fox")
+    size = sp.get_piece_size()
+    # as an LM samples it: pads, a masked frame, ids past the tokenizer (a 512-id text head)
+    stream = [TEXT_PAD, TEXT_EPAD, words[0], -1, size, *words[1:], size + 7, TEXT_PAD]
+    assert decode_stream(sp, stream) == "the quick brown fox"
+    with pytest.raises(IndexError):  # what the raw decode does with the same stream
+        sp.decode([t for t in stream if t >= 0 and t not in (TEXT_PAD, TEXT_EPAD)])
 
 
 def test_records_match_audio(tokenized: tuple[Path, Summary], builders: list[Any]) -> None:

@@ -284,8 +284,9 @@ def _tokens(frames: list) -> np.ndarray:
 def test_stablehlo_export_runs_without_sfm_and_equals_the_engine(
     models: tuple[Mimi, LM], tmp_path: Path
 ) -> None:
-    """int8 weights, sampled tokens (per-slot keys): the export run by JAX alone equals the
-    engine frame for frame, before and after slot 0 is reset (slot 1 carries on)."""
+    """int8 weights, sampled tokens (per-slot keys) with the run's own sampling: the export run
+    by JAX alone equals the engine frame for frame, before and after slot 0 is reset (slot 1
+    carries on)."""
     codec, lm = models
     cfg = load_config(resolve_preset("tiny", "lm"))
     run = tmp_path / "run"
@@ -305,8 +306,8 @@ def test_stablehlo_export_runs_without_sfm_and_equals_the_engine(
     subprocess.run([*reader, str(tmp_path / "res.npz")], check=True, env=env)
     got = np.load(tmp_path / "res.npz")
 
-    engine = Engine(codec, lm, 2, SamplingConfig(), weights="int8")
-    assert [engine.join(k) for k in keys] == [0, 1]
+    engine = Engine(codec, lm, 2, cfg.sampling, weights="int8")  # the run's own, as exported
+    assert cfg.sampling.top_k == 32 and [engine.join(k) for k in keys] == [0, 1]
     frames = [engine.step(wav_tbf[t]) for t in range(FRAMES)]
     engine.reset(0, keys[0])
     again = [engine.step(wav_tbf[t]) for t in range(FRAMES)]

@@ -36,11 +36,10 @@ from sfm.io.moshi_lm import (  # noqa: E402
     checkpoint_shapes,
     export_moshi_lm,
     import_moshi_lm,
-    lm_config_from_moshi,
-    moshi_lm_kwargs,
     sfm_to_torch,
     torch_to_sfm,
 )
+from sfm.io.moshi_lm_config import lm_config_from_moshi, moshi_lm_kwargs  # noqa: E402
 from sfm.io.tensors import CheckpointError, InteropError  # noqa: E402
 from sfm.lm.config import LMConfig  # noqa: E402
 from sfm.lm.layout import delay  # noqa: E402

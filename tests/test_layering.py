@@ -1,12 +1,14 @@
 """The package layers point one way: a module imports only its own layer and those below.
 
-    5  cli, quickstart, testing         entry points
+    5  cli, commands, quickstart,       entry points, the notebooks' helpers
+       quickstart_report, notebook, testing
     4  train, eval, infer               loops, metrics, serving
     3  data, io                         corpora and pipelines; weight files
     2  codec, lm                        the models
     1  nn, kernels, parallel            layers, kernels, mesh and rules
     0  config modules                   typed dataclasses and what they need: `*/config.py`,
-                                        `sfm.config`, `sfm.errors`, `sfm.host`, `sfm.lm.layout`
+                                        `sfm.config`, `sfm.typed`, `sfm.errors`, `sfm.host`,
+                                        `sfm.lm.layout`
 
 Config modules import only other config modules, so loading a preset needs no framework. The
 imports are read with `ast` (none of the code runs), function-level imports included.
@@ -23,13 +25,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "sfm"
 LAYERS = {
-    "cli": 5, "quickstart": 5, "testing": 5, "__main__": 5,
+    "cli": 5, "commands": 5, "quickstart": 5, "quickstart_report": 5, "notebook": 5,
+    "testing": 5, "__main__": 5,
     "train": 4, "eval": 4, "infer": 4,
     "data": 3, "io": 3,
     "codec": 2, "lm": 2,
     "nn": 1, "kernels": 1, "parallel": 1,
 }  # fmt: skip
-CONFIG_MODULES = {"sfm", "sfm.config", "sfm.errors", "sfm.host", "sfm.lm.layout"}
+CONFIG_MODULES = {"sfm", "sfm.config", "sfm.errors", "sfm.host", "sfm.lm.layout", "sfm.typed"}
 
 
 def module_name(path: Path) -> str:

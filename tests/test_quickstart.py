@@ -30,6 +30,13 @@ def _losses(path: Path, key: str) -> list[float]:
     return [json.loads(line)[key] for line in path.read_text().splitlines()]
 
 
+def _unweighted(run: Path) -> list[float]:
+    """The run's loss per logged step with the text term at weight 1 (the stages weigh it
+    differently)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [row["text_loss"] + row["audio_loss"] for row in rows]
+
+
 def test_every_stage_ran_and_training_lowered_the_losses(
     run: tuple[Path, quickstart.Report],
 ) -> None:
@@ -47,11 +54,10 @@ def test_every_stage_ran_and_training_lowered_the_losses(
     mel = _losses(out / "codec" / "metrics.jsonl", "mel")
     assert len(mel) == 30 and min(mel[-3:]) < mel[0]
     pretrain = _losses(out / "pretrain" / "metrics.jsonl", "loss")
-    duplex = _losses(out / "duplex" / "metrics.jsonl", "loss")
     assert pretrain[-1] < pretrain[0]
     # 20 fine-tuning steps are too few for a trend; that they start from the pretrained
     # weights (not a fresh model at ~ln(vocab) per stream) is what shows here.
-    assert duplex[0] < pretrain[0] / 2
+    assert _unweighted(out / "duplex")[0] < _unweighted(out / "pretrain")[0] / 2
     assert (out / "pretrain" / "lm.safetensors").is_file()
     assert (out / "duplex" / "lm.safetensors").is_file()
     assert report.codec["trained_mel"] < report.codec["untrained_mel"]

@@ -172,8 +172,9 @@ sys.exit(max(p.wait() for p in procs))
 @pytest.fixture(scope="module")
 def shared_storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tokenized text and speech shards where the recipe puts them (/mnt/shared here)."""
-    from sfm.data.tokenize import text_record_bytes
-    from sfm.testing.records import speech_record, write_shard
+    from sfm.data.tokenize import write_shard
+    from sfm.data.tokenize_text import text_record_bytes
+    from sfm.testing.records import speech_record
 
     shared = tmp_path_factory.mktemp("shared")
     rng = np.random.default_rng(0)

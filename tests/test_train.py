@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from sfm.config import Config, load_config
-from sfm.testing.records import speech_record, write_shard
+from sfm.data.tokenize import write_shard
+from sfm.testing.records import speech_record
 from sfm.train.loop import train
 from sfm.train.metrics import drop_steps_after
 

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from sfm.data.audio import resample
-from sfm.data.tfds_speech import SAMPLE_RATE, BadRecord, BadRecords, check_words, to_example
+from sfm.data.corpus import SAMPLE_RATE, BadRecord, BadRecords, check_words
+from sfm.data.tfds_speech import to_example
 
 LIBRISPEECH_RATE = 16000
 SPLITS = (

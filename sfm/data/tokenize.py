@@ -18,10 +18,7 @@ Records are skipped at two stages: `prepare` (sfm.data.tfds_speech) counts the c
 records by reason in `bad_records.json` beside the prepared data; this stage skips examples
 it cannot encode (SKIP_REASONS) and appends one JSON line per skipped example to
 `bad_records.jsonl` in the output directory. The summary line reports both stages.
-
-`tokenize_text` does the same for plain text (one document or sentence per line): lines are
-SentencePiece-encoded, packed into sequences and written as `text-<i>-of-<n>.array_record`
-shards of `np.savez` records holding `tokens` int32 [T].
+Plain text gets its shards from sfm.data.tokenize_text.
 """
 
 from __future__ import annotations
@@ -39,7 +36,6 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
-import sentencepiece as spm
 import soundfile as sf
 from array_record.python.array_record_module import ArrayRecordWriter
 from flax import nnx
@@ -47,19 +43,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sfm.codec.model import Mimi
 from sfm.data.audio import PathLike
-from sfm.data.config import DataConfig
+from sfm.data.corpus import BadRecords, corpus_manifest, manifest_entries
 from sfm.data.text_stream import TimedWord, place_words
-from sfm.data.tfds_speech import (
-    BAD_RECORDS_FILE,
-    BadRecords,
-    corpus_manifest,
-    manifest_entries,
-    prepare,
-)
+from sfm.data.tfds_speech import BAD_RECORDS_FILE, prepare
 from sfm.data.tokenizer import encode_word, load_tokenizer
 from sfm.errors import SfmError
 from sfm.io.codec import build_codec, load_run_config
-from sfm.lm.layout import TEXT_EPAD, TEXT_PAD, decode_record, encode_record
+from sfm.lm.layout import decode_record, encode_record
 
 USER_SPEAKER = "SPEAKER_USER"
 MIN_BUCKET_FRAMES = 16
@@ -104,7 +94,7 @@ class Summary:
     shards_done_before: int = 0
     dropped_tokens: int = 0
     seconds: float = 0.0
-    prepare_skipped: Counter[str] | None = None  # by tfds_speech.REASONS key
+    prepare_skipped: Counter[str] | None = None  # by sfm.data.corpus.REASONS key
     bad_records_files: list[Path] = field(default_factory=list)  # both stages' files
 
     @property
@@ -290,14 +280,19 @@ def shard_name(split: str, index: int, count: int) -> str:
     return f"{split}-{index:05d}-of-{count:05d}.array_record"
 
 
-def write_shard(path: Path, records: Sequence[bytes]) -> None:
-    """Write to a temporary name, then rename: a shard on disk is always complete."""
+def write_shard(
+    path: str | os.PathLike[str], records: Iterable[bytes], options: str = WRITER_OPTIONS
+) -> str:
+    """One ArrayRecord file of `records` in order; returns its path. Written to a temporary
+    name, then renamed: a shard on disk is always complete."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    writer = ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
+    writer = ArrayRecordWriter(str(tmp), options)
     for rec in records:
         writer.write(rec)
     writer.close()
     os.replace(tmp, path)
+    return os.fspath(path)
 
 
 @dataclass
@@ -420,141 +415,3 @@ def tokenize_dataset(
         summary.bad_records_files.append(_tokenize_bad_records_path(out))
     job.summary.seconds = time.perf_counter() - t0
     return job.summary
-
-
-# ---------------------------------------------------------------- text-only shards
-
-TEXT_SPLIT = "text"
-TEXT_SEQ_TOKENS = DataConfig.seq_len  # the default window covers one sequence
-ENCODE_BATCH = 4096  # lines per SentencePiece call
-
-
-@dataclass
-class TextSummary:
-    """What one text tokenization run did; `sequences` counts every host's."""
-
-    out_dir: Path
-    lines: int = 0
-    empty_lines: int = 0
-    tokens: int = 0
-    sequences: int = 0
-    shards_written: int = 0
-    shards_done_before: int = 0
-    seconds: float = 0.0
-
-    def line(self) -> str:
-        """One-line report for the command line."""
-        return (
-            f"{self.out_dir}: {self.lines} lines ({self.empty_lines} empty, skipped), "
-            f"{self.tokens} tokens in {self.sequences} sequences; shards written "
-            f"{self.shards_written}, already complete {self.shards_done_before}; "
-            f"{self.seconds:.1f} s"
-        )
-
-
-def text_record_bytes(tokens_t: np.ndarray) -> bytes:
-    """One text-only sequence in the record layout: key `tokens`, int32 [T]."""
-    return encode_record({"tokens": np.asarray(tokens_t, np.int32)})
-
-
-def read_text_record(data: bytes) -> np.ndarray:
-    """Inverse of text_record_bytes: the tokens int32 [T]."""
-    return decode_record(data)["tokens"]
-
-
-def _text_lines(text: PathLike | Iterable[str]) -> Iterator[str]:
-    """Lines of a UTF-8 file (a str is a path), or the given lines."""
-    if not isinstance(text, str | os.PathLike):
-        yield from text
-        return
-    with open(text, encoding="utf-8") as f:
-        try:
-            yield from f
-        except UnicodeDecodeError as e:
-            raise TokenizeError(f"{text}: not UTF-8 text (bad byte at offset {e.start})") from None
-
-
-def _name(text: PathLike | Iterable[str]) -> str:
-    """The text file's name for messages, or "text" for lines given directly."""
-    return str(text) if isinstance(text, str | os.PathLike) else "text"
-
-
-def _batches(lines: Iterable[str], size: int) -> Iterator[list[str]]:
-    """Consecutive lists of up to `size` lines."""
-    batch: list[str] = []
-    for line in lines:
-        batch.append(line)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def encode_lines(
-    sp: spm.SentencePieceProcessor, lines: Iterable[str], summary: TextSummary
-) -> Iterator[list[int]]:
-    """Token ids of each line with text; blank lines (or lines without a token) are counted."""
-    for batch in _batches(lines, ENCODE_BATCH):
-        for ids in sp.encode([" ".join(line.split()) for line in batch]):
-            kept = [i for i in ids if i not in (TEXT_EPAD, TEXT_PAD)]
-            summary.lines += 1
-            summary.empty_lines += not kept
-            summary.tokens += len(kept)
-            if kept:
-                yield kept
-
-
-def pack_lines(token_lines: Iterable[list[int]], seq_tokens: int) -> Iterator[np.ndarray]:
-    """Whole lines packed into int32 sequences of at most seq_tokens; longer lines are cut."""
-    current: list[int] = []
-    for ids in token_lines:
-        if current and len(current) + len(ids) > seq_tokens:
-            yield np.asarray(current, np.int32)
-            current = []
-        current.extend(ids)
-        while len(current) >= seq_tokens:
-            yield np.asarray(current[:seq_tokens], np.int32)
-            current = current[seq_tokens:]
-    if current:
-        yield np.asarray(current, np.int32)
-
-
-def _write_text_shards(
-    sequences: Sequence[np.ndarray], per_shard: int, summary: TextSummary
-) -> None:
-    """Write this host's missing shards of the packed sequences."""
-    count = max(1, math.ceil(len(sequences) / per_shard))
-    for index in range(jax.process_index(), count, jax.process_count()):
-        path = summary.out_dir / shard_name(TEXT_SPLIT, index, count)
-        if path.is_file():
-            summary.shards_done_before += 1
-            continue
-        chunk = sequences[index * per_shard : (index + 1) * per_shard]
-        write_shard(path, [text_record_bytes(seq) for seq in chunk])
-        summary.shards_written += 1
-
-
-def tokenize_text(
-    text_path_or_lines: PathLike | Iterable[str],
-    out_dir: PathLike,
-    tokenizer_path: PathLike,
-    seq_tokens: int = TEXT_SEQ_TOKENS,
-    records_per_shard: int = 1024,
-) -> TextSummary:
-    """SentencePiece-encode text (one document per line) into `text-*.array_record` shards."""
-    t0, summary = time.perf_counter(), TextSummary(Path(out_dir))
-    if seq_tokens < 1 or records_per_shard < 1:
-        sizes = f"{seq_tokens}, {records_per_shard}"
-        raise TokenizeError(f"seq_tokens and records_per_shard must be >= 1, got {sizes}")
-    sp = load_tokenizer(tokenizer_path)
-    lines = _text_lines(text_path_or_lines)
-    # All sequences are held in memory: every shard's boundaries depend on their count.
-    sequences = list(pack_lines(encode_lines(sp, lines, summary), seq_tokens))
-    if not sequences:
-        raise TokenizeError(f"{_name(text_path_or_lines)}: no text to tokenize")
-    summary.sequences = len(sequences)
-    summary.out_dir.mkdir(parents=True, exist_ok=True)
-    _write_text_shards(sequences, records_per_shard, summary)
-    summary.seconds = time.perf_counter() - t0
-    return summary

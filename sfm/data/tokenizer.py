@@ -83,6 +83,16 @@ def encode_word(sp: spm.SentencePieceProcessor, word: str) -> list[int]:
     return [i for i in sp.encode(word) if i not in (TEXT_EPAD, TEXT_PAD)]
 
 
+def decode_stream(sp: spm.SentencePieceProcessor, tokens_t: Iterable[int]) -> str:
+    """The words of a text stream: its pads, negative ids (frames without text) and the ids
+    this tokenizer has no piece for are left out. (An LM's text vocabulary may be larger than its
+    tokenizer: the quickstart's is 512 ids, a small corpus trains fewer pieces; the LM can
+    still sample the ids it never saw.)"""
+    size = sp.get_piece_size()
+    ids = [int(t) for t in tokens_t]
+    return sp.decode([t for t in ids if 0 <= t < size and t not in (TEXT_EPAD, TEXT_PAD)])
+
+
 def corpus_words(corpus_dir: PathLike) -> Iterator[str]:
     """One line of text per alignment JSON under `corpus_dir` (words joined by spaces)."""
     for json_path in sorted(Path(corpus_dir).rglob("*.json")):

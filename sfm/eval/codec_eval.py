@@ -29,13 +29,16 @@ import tempfile
 from collections.abc import Callable, Iterator
 from os import PathLike
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sfm.data.audio import AudioError, load_audio, resample, save_audio
 from sfm.eval.codec_metrics import mel_distance, si_sdr
 from sfm.eval.speech import ASR_RATE, to_16k, transcribe
+
+if TYPE_CHECKING:
+    from sfm.codec.files import StreamingCodec
 
 # name -> (bitrate kbit/s, ffmpeg encoder options, the rate it is fed, container suffix)
 CLASSICAL: dict[str, tuple[float, list[str], int, str]] = {
@@ -240,16 +243,25 @@ def codec_system(
 ) -> tuple[str, int, tuple[float, Callable[[np.ndarray], np.ndarray]]]:
     """(row name, sample rate, (bitrate, resynthesis)) of an sfm or Kyutai Mimi codec
     checkpoint, run as it is served: the streaming codec, compiled once."""
-    from sfm.codec.files import bitrate_kbps, decode_codes, encode_wav, streaming_codec, warm_up
+    from sfm.codec.files import streaming_codec
     from sfm.io.codec import build_codec, load_run_config
 
     cfg = load_run_config(config, checkpoint, ())
     codec = streaming_codec(build_codec(cfg, checkpoint))
+    return streaming_system(codec, Path(checkpoint).name)
+
+
+def streaming_system(
+    codec: StreamingCodec, label: str
+) -> tuple[str, int, tuple[float, Callable[[np.ndarray], np.ndarray]]]:
+    """`codec_system` of a streaming codec already built (`sfm.codec.files.StreamingCodec`),
+    its row named after `label`; compiled here unless it already is."""
+    from sfm.codec.files import bitrate_kbps, decode_codes, encode_wav, warm_up
+
     warm_up(codec)
     run = lambda audio: decode_codes(codec, encode_wav(codec, audio), len(audio))
-    kbps = bitrate_kbps(cfg.codec)
-    name = f"{Path(checkpoint).name} ({cfg.codec.n_q} codebooks)"
-    return name, cfg.codec.sample_rate, (kbps, run)
+    name = f"{label} ({codec.cfg.n_q} codebooks)"
+    return name, codec.cfg.sample_rate, (bitrate_kbps(codec.cfg), run)
 
 
 def manifest_rows(folder: Path) -> int:
@@ -302,6 +314,7 @@ def eval_codec(
 
 __all__ = [
     "codec_system",
+    "streaming_system",
     "default_sets",
     "eval_codec",
     "CLASSICAL",

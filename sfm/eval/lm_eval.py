@@ -35,6 +35,7 @@ from flax import nnx
 
 from sfm.data import text as grammar
 from sfm.data.synth import Voice, synthesize
+from sfm.data.tokenizer import decode_stream
 from sfm.errors import SfmError
 from sfm.lm.layout import TEXT_PAD, StreamLayout, delay_streams, text_to_streams
 from sfm.lm.loss import cross_entropy
@@ -207,7 +208,7 @@ def spoken_qa(
     talks = converse_many(engine, users, pad_ids=(TEXT_PAD, TEXT_EPAD))
     rows = []
     for qa, talk in zip(qas, talks):
-        text = sp.decode([token for _, token, _ in talk.text if token >= 0])
+        text = decode_stream(sp, [token for _, token, _ in talk.text])
         heard = transcribe(talk.stereo_tc[:, 0], rate)
         row = {"question": qa.question, "answer": qa.answer, "text": text, "asr": heard}
         rows.append(
@@ -255,7 +256,6 @@ def eval_lm(
     from sfm.data.synth import voices
     from sfm.data.tokenizer import load_tokenizer
     from sfm.eval.report import write_lm_report
-    from sfm.eval.suite import eval_sampling
     from sfm.infer.converse import load_models
     from sfm.infer.engine import Engine
 
@@ -266,7 +266,7 @@ def eval_lm(
     assistant = voices("flite")[0]  # the clear voice the model speaks with
     user = voices("espeak")[seed % len(voices("espeak"))]
     scorer = Scorer(lm, codec, assistant)
-    engine = Engine(codec, lm, slots, eval_sampling(cfg.lm.card), seed=seed)
+    engine = Engine(codec, lm, slots, cfg.sampling, seed=seed)
     metrics = {
         "spot_the_word": {**pair_accuracy(scorer, word_pairs(pairs, seed)), "chance": 0.5},
         "grammar": {**pair_accuracy(scorer, grammar_pairs(pairs, seed + 1)), "chance": 0.5},

@@ -64,25 +64,13 @@ def held_out_dialogues(out: Path, count: int = HELD_OUT_DIALOGUES) -> Path:
     return folder
 
 
-def eval_sampling(
-    card: int, temp: float = 0.8, top_k: int | None = None, greedy: bool = False
-) -> Any:
-    """The sampling every evaluation through the engine uses (the quickstart's reply too):
-    audio at `temp` over the top half of the codebook by default, text at 0.7 over the top
-    25."""
-    from sfm.lm.generate import SamplingConfig
-
-    top_k = card // 2 if top_k is None else top_k
-    return SamplingConfig(temp=temp, top_k=top_k, temp_text=0.7, top_k_text=25, greedy=greedy)
-
-
 def duplex_engine(files: RunFiles, slots: int = 8, seed: int = 0) -> Any:
-    """The engine serving the run's LM through its codec, with `eval_sampling`."""
+    """The engine serving the run's LM through its codec, with the run's own sampling."""
     from sfm.infer.converse import load_models
     from sfm.infer.engine import Engine
 
     codec, lm, cfg = load_models(files.lm, None, files.codec)
-    return Engine(codec, lm, slots, eval_sampling(cfg.lm.card), seed=seed)
+    return Engine(codec, lm, slots, cfg.sampling, seed=seed)
 
 
 def eval_all(
@@ -124,7 +112,6 @@ def eval_all(
 __all__ = [
     "RunFiles",
     "duplex_engine",
-    "eval_sampling",
     "eval_all",
     "held_out_dialogues",
     "run_files",

@@ -5,15 +5,17 @@
 
 The user's audio goes out as Ogg/Opus in 80 ms pages, one message each in real time (as a
 person talks) or, with `fast`, about 4 KiB of pages per message as fast as the server takes
-them (at most 4 s ahead of its replies); the model's audio and text pieces are
-recorded until its audio is as long as the user's. Text times are the model audio received
-before each piece.
+them (at most 4 s ahead of its replies); after the turn the client goes on sending silence,
+as an open microphone does, until the model's audio is as long as the user's (a server
+closes a client that falls silent). Text times are the model audio received before each
+piece.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections.abc import AsyncIterator
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -85,9 +87,10 @@ async def chat(
         received = 0  # samples of the model's audio so far
 
         async def send() -> None:
-            start, batch = time.perf_counter(), b""
-            for i in range(frames):
-                batch += writer.append_pcm(user[i * PAGE : (i + 1) * PAGE])
+            start, batch, silence = time.perf_counter(), b"", np.zeros(PAGE, np.float32)
+            for i in itertools.count():  # the turn, then silence until the replies cover it
+                page = user[i * PAGE : (i + 1) * PAGE] if i < frames else silence
+                batch += writer.append_pcm(page)
                 if fast and len(batch) < FAST_MESSAGE_BYTES and i + 1 < frames:
                     continue  # fast: pages go out together, so the server has them at once
                 while fast and (i + 1) * PAGE - received > FAST_AHEAD_S * sample_rate:

@@ -14,7 +14,7 @@ The LM's delayed streams make its first `max_delay` frames empty (`valid` false)
 audio is silence and the decoder state does not advance, exactly as if they were never
 decoded. Idle slots run too (on silence); their state is discarded when a session joins.
 
-    engine = Engine(codec, lm, slots=8, sampling=SamplingConfig())
+    engine = Engine(codec, lm, slots=8, sampling=cfg.sampling)  # the run's own
     slot = engine.join()
     out = engine.step({slot: user_frame})      # out.audio[slot], out.text[slot], out.valid[slot]
     engine.leave(slot)

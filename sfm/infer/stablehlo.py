@@ -136,12 +136,13 @@ def export_stablehlo(
     out: PathLike,
     codec: PathLike | None = None,
     weights: WeightFormat = "float32",
-    sampling: SamplingConfig = SamplingConfig(),
+    overrides: Sequence[str] = (),
     tokenizer: PathLike | None = None,
     platforms: Sequence[str] = PLATFORMS,
 ) -> list[Path]:
     """Export the engine over the run (or sfm weights) at `source`, with the codec of the run
-    or `codec` (sfm or Kyutai Mimi), to the new folder `out`; returns the files written."""
+    or `codec` (sfm or Kyutai Mimi), to the new folder `out`; returns the files written.
+    The engine samples with the run's own `sampling`, after `overrides` (`sampling.greedy=true`)."""
     found = find_weights(source)
     if "lm" not in found:
         raise CheckpointError(f"{os.fspath(source)}: no LM weights (lm.safetensors) to serve")
@@ -150,9 +151,9 @@ def export_stablehlo(
         raise CheckpointError(
             f"{os.fspath(source)}: no codec weights (codec.safetensors): give --codec"
         )
-    mimi, lm, cfg = load_models(found["lm"], codec_checkpoint=codec)
+    mimi, lm, cfg = load_models(found["lm"], codec_checkpoint=codec, overrides=overrides)
     models, leaves = serving_models(mimi, lm, weights)
-    artifacts, flat = export_engine(models, leaves, sampling, cfg.codec.frame_size, platforms)
+    artifacts, flat = export_engine(models, leaves, cfg.sampling, cfg.codec.frame_size, platforms)
     names = [f"w{i:05d}" for i in range(len(flat))]
     serving = {
         "functions": {name: f"{name}.jaxexport" for name in artifacts},
@@ -165,7 +166,7 @@ def export_stablehlo(
         "max_delay": lm.cfg.max_delay,
         "text_card": lm.cfg.text_card,
         "card": lm.cfg.card,
-        "sampling": dataclasses.asdict(sampling),
+        "sampling": dataclasses.asdict(cfg.sampling),
     }
 
     def write(folder: Path) -> None:

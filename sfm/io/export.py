@@ -277,7 +277,8 @@ def _export_sfm(found: Mapping[Kind, Path], codec: PathLike | None, out: Path) -
 
 def _export_moshi(found: Mapping[Kind, Path], codec: PathLike | None, out: Path) -> None:
     from sfm.io.mimi import export_mimi, moshi_config
-    from sfm.io.moshi_lm import export_moshi_lm, moshi_lm_kwargs
+    from sfm.io.moshi_lm import export_moshi_lm
+    from sfm.io.moshi_lm_config import moshi_lm_kwargs
 
     names = WEIGHT_FILES["moshi"]
     mimi: Mimi | None = None

@@ -46,7 +46,7 @@ import numpy as np
 from flax import nnx
 
 from sfm.io.tensors import InteropError, PathLike, read_tensors, widen
-from sfm.lm.config import TemporalConfig
+from sfm.lm.config import TemporalConfig, feedforward_for
 from sfm.lm.model import LM
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older checkpoints store
@@ -66,7 +66,7 @@ def temporal_config_from_llama(config: Mapping[str, Any], **overrides: Any) -> T
             num_heads=heads,
             num_kv_heads=int(config.get("num_key_value_heads") or heads),
             num_layers=int(config["num_hidden_layers"]),
-            dim_feedforward=(3 * hidden + 1) // 2,  # whose gated width (2/3) is `hidden`
+            dim_feedforward=feedforward_for(hidden),
             max_period=float(config.get("rope_theta") or rope.get("rope_theta") or 10000.0),
             norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         )

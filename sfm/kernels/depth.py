@@ -120,7 +120,8 @@ def swap_pairs(x: jax.Array) -> jax.Array:
     return pairs[..., ::-1].reshape(x.shape)
 
 
-def _rms(x: jax.Array, alpha: jax.Array, eps: float) -> jax.Array:
+def rms_norm(x: jax.Array, alpha: jax.Array, eps: float) -> jax.Array:
+    """RMS normalisation in float32, scaled by `alpha` (the kernels' and the reference's)."""
     x32 = x.astype(jnp.float32)
     var = eps + jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     return x32 * (alpha.astype(jnp.float32) * jax.lax.rsqrt(var))
@@ -169,7 +170,7 @@ def reference(
             x = _dense(h_bd, w.w_in[s], dtype) + (first_bd if e is None else e).astype(f32)
         x = x.astype(dtype)
         for layer in range(n_layers):
-            xn = _rms(x, w.norm1[layer, 0], w.norm_eps)
+            xn = rms_norm(x, w.norm1[layer, 0], w.norm_eps)
             qkv = _dense(xn, w.wqkv[layer, s], dtype)
             q, k, v = qkv[:, : h * hd], qkv[:, h * hd : (h + g) * hd], qkv[:, (h + g) * hd :]
             q = q * cos[j] + swap_pairs(q) * sin[j]
@@ -186,7 +187,7 @@ def reference(
             )
             attn = attn.astype(dtype).reshape(b, h * hd)
             x = (x + _dense(attn, w.wo[layer, s], dtype).astype(dtype)).astype(dtype)
-            ab = _dense(_rms(x, w.norm2[layer, 0], w.norm_eps), w.w1[layer, s], dtype)
+            ab = _dense(rms_norm(x, w.norm2[layer, 0], w.norm_eps), w.w1[layer, s], dtype)
             f = w.hidden
             mid = (jax.nn.silu(ab[:, :f].astype(dtype)) * ab[:, f:].astype(dtype)).astype(dtype)
             x = (x + _dense(mid, w.w2[layer, s], dtype).astype(dtype)).astype(dtype)

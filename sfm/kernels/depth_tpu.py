@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from sfm.kernels.depth import DepthWeights, rope_tables
+from sfm.kernels.depth import DepthWeights, rms_norm, rope_tables
 from sfm.kernels.depth_plan import cost, plan, round_up, vmem_capacity
 from sfm.kernels.sampling import sample_rows
 
@@ -59,12 +59,6 @@ def _dot(x: jax.Array, y: jax.Array, dtype: Any, transpose_y: bool = False) -> j
 def _dense(x: jax.Array, w_oi: jax.Array, dtype: Any) -> jax.Array:
     """x [B, in] @ w.T rounded to `dtype` (a linear layer of the model) -> float32."""
     return _dot(x, w_oi, dtype, transpose_y=True).astype(dtype).astype(jnp.float32)
-
-
-def _rms(x: jax.Array, alpha: jax.Array, eps: float) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    var = eps + jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-    return x32 * (alpha.astype(jnp.float32) * jax.lax.rsqrt(var))
 
 
 def _swap_pairs(x: jax.Array) -> jax.Array:
@@ -118,7 +112,7 @@ def _kernel(
     @pl.when(chunk == 0)
     def _attention() -> None:
         x = x_sc[...]
-        xn = _rms(x, n1_ref[...], w.norm_eps)
+        xn = rms_norm(x, n1_ref[...], w.norm_eps)
         q = _dense(xn, wqkv_ref[pl.ds(0, dq), :], dtype)
         k = _dense(xn, wqkv_ref[pl.ds(dq, dk), :], dtype)
         v = _dense(xn, wqkv_ref[pl.ds(dq + dk, dk), :], dtype)
@@ -145,7 +139,7 @@ def _kernel(
         attn = jnp.sum(jnp.where(visible, spread.reshape(p, bt, dq) * values, 0.0), axis=0)
         x = (x + _dense(attn.astype(dtype), wo_ref[...], dtype).astype(dtype)).astype(dtype)
         x_sc[...] = x.astype(x_sc.dtype)
-        xn_sc[...] = _rms(x, n2_ref[...], w.norm_eps).astype(xn_sc.dtype)
+        xn_sc[...] = rms_norm(x, n2_ref[...], w.norm_eps).astype(xn_sc.dtype)
         acc_sc[...] = jnp.zeros_like(acc_sc)
 
     # One chunk of the gated MLP's hidden units; the output sums in float32 over chunks.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 from sfm.lm.layout import TEXT_EPAD, TEXT_PAD, StreamLayout, check_delays, moshi_delays
@@ -11,6 +12,11 @@ from sfm.lm.layout import TEXT_EPAD, TEXT_PAD, StreamLayout, check_delays, moshi
 def gated_hidden(dim_feedforward: int) -> int:
     """Hidden width of a SiLU-gated MLP with Moshi's `dim_feedforward` convention (2/3)."""
     return 2 * dim_feedforward // 3
+
+
+def feedforward_for(hidden: int) -> int:
+    """The smallest `dim_feedforward` whose gated hidden width is `hidden`."""
+    return (3 * hidden + 1) // 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +89,26 @@ class LossConfig:
     text_pad: float = 0.5
     semantic: float = 100.0
     acoustic: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How the LM's tokens are drawn when it generates (`sampling:`; Moshi's defaults): the
+    top-k logits, then temperature; temperature 0 or `greedy` means argmax. A run stores
+    its sampling with its config, so the engine, the server and every evaluation draw the
+    model's tokens with the settings the model is meant to be served with."""
+
+    temp: float = 0.8  # audio codebooks
+    top_k: int = 250  # 0, or >= the codebook size: the whole distribution
+    temp_text: float = 0.7
+    top_k_text: int = 25
+    greedy: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("temp", "top_k", "temp_text", "top_k_text"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"sampling.{name}: must be a number >= 0, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,6 @@ steps with sampling); the state is donated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -25,21 +24,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sfm.lm.config import SamplingConfig
 from sfm.lm.fused_depth import fused_depth_tokens
 from sfm.lm.layout import IGNORE, INITIAL
 from sfm.lm.model import LM
 from sfm.nn.streaming import StaticModel
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """Top-k, then temperature sampling; temperature 0 or `greedy` means argmax."""
-
-    temp: float = 0.8
-    top_k: int = 250
-    temp_text: float = 0.7
-    top_k_text: int = 25
-    greedy: bool = False
 
 
 class GenState(NamedTuple):

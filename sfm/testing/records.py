@@ -1,12 +1,9 @@
-"""Random tokenized records in the LM's record layout, and ArrayRecord shards of them."""
+"""Random tokenized records in the LM's record layout (`sfm.data.tokenize.write_shard` writes
+them to ArrayRecord shards)."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable
-
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordWriter
 
 from sfm.lm.layout import TEXT_EPAD, TEXT_PAD, encode_record
 
@@ -35,12 +32,3 @@ def speech_record(
     if path is not None:
         record["path"] = path
     return encode_record(record)
-
-
-def write_shard(path: str | os.PathLike[str], records: Iterable[bytes], options: str = "") -> str:
-    """One ArrayRecord file holding `records` in order; returns its path."""
-    writer = ArrayRecordWriter(os.fspath(path), options)
-    for record in records:
-        writer.write(record)
-    writer.close()
-    return os.fspath(path)

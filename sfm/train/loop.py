@@ -15,6 +15,7 @@ import json
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,8 +86,12 @@ class _SigtermFlag:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(cfg: Config) -> RunSummary:
-    """Run (or resume) the training described by `cfg`; returns a summary."""
+def train(
+    cfg: Config, on_step: Callable[[int, dict[str, float]], object] | None = None
+) -> RunSummary:
+    """Run (or resume) the training described by `cfg`; returns a summary. `on_step(step,
+    metrics)` is called after every step with what metrics.jsonl records (e.g. to draw live
+    loss curves in a notebook)."""
     t0 = time.perf_counter()
     initialize_from_env()
     out = Path(cfg.train.out_dir)
@@ -149,6 +154,8 @@ def train(cfg: Config) -> RunSummary:
                     metrics_file.write(json.dumps({"step": step + 1, **values}) + "\n")
                     metrics_file.flush()
                 reporter.step(step + 1, values)
+                if on_step is not None:
+                    on_step(step + 1, values)
                 if hook and (step + 1) % (cfg.train.log_every * 10) == 0:  # every process
                     merged = (state["params"], state["mutable"], state["frozen"])
                     hook(reporter.writer, step + 1, nnx.merge(parts.graphdef, *merged), batch)

@@ -64,6 +64,12 @@ def peak_flops(devices: list[Any] | None = None) -> float | None:
     return total
 
 
+def read_metrics(run: Path) -> list[dict[str, float]]:
+    """The records of a run's metrics.jsonl, one per step, in order (none before its first)."""
+    path = Path(run) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
 def drop_steps_after(path: Path, step: int) -> int:
     """Keep the records of `path` (metrics.jsonl) up to `step`; returns how many were dropped.
 
