@@ -103,8 +103,25 @@ def reference(overrides: list[str], tmp_path_factory: pytest.TempPathFactory) ->
     return out
 
 
+# `python -m sfm.train ARGS` whose process reaches its first step `late_s` seconds late (as a
+# host that compiles slower does): longer than gloo's ~30 s rendezvous.
+LATE_TRAIN = """
+import runpy, sys, time
+import sfm.train.loop as loop
+shard, late = loop.shard_batch, [{late_s}]
+loop.shard_batch = lambda *a, **k: (time.sleep(late.pop() if late else 0), shard(*a, **k))[1]
+sys.argv = ["sfm.train", *sys.argv[1:]]
+runpy.run_module("sfm.train", run_name="__main__", alter_sys=True)
+"""
+
+
 def _spawn(
-    overrides: list[str], out: Path, devices: int, *extra: str, env: dict[str, str] | None = None
+    overrides: list[str],
+    out: Path,
+    devices: int,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    late_s: float = 0.0,
 ) -> subprocess.Popen:
     """`python -m sfm.train` in a fresh process with `devices` simulated CPU devices."""
     env = {
@@ -114,8 +131,9 @@ def _spawn(
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
     }
     args = [str(PRESET), *overrides, f"train.out_dir={out}", *_schedule(extra)]
+    main = ["-c", LATE_TRAIN.format(late_s=late_s)] if late_s else ["-m", "sfm.train"]
     return subprocess.Popen(
-        [sys.executable, "-m", "sfm.train", *args],
+        [sys.executable, *main, *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -200,14 +218,18 @@ def test_resume_says_where_from_and_logs_replayed_steps_once(
     shutil.copytree(reference, run)
     shutil.rmtree(run / "checkpoints" / str(STEPS))
     capsys.readouterr()
+    seen: list[dict[str, float]] = []  # what `on_step` (live curves) is given
     summary = train(
-        _config(overrides, run, "mesh.ici_data=2", "mesh.ici_fsdp=2", "mesh.ici_tensor=2")
+        _config(overrides, run, "mesh.ici_data=2", "mesh.ici_fsdp=2", "mesh.ici_tensor=2"),
+        on_step=lambda step, metrics: seen.append({"step": step, **metrics}),
     )
     assert summary.first_step == STEPS - 2
     said = [line for line in capsys.readouterr().out.splitlines() if "resumed" in line]
     assert said == [f"resumed from {run / 'checkpoints'} at step {STEPS - 2}"]
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1))
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert seen == logged[-2:]  # the steps run, with exactly what metrics.jsonl records
     assert _losses(run) == _losses(reference)
     assert _tensorboard_steps(run / "tensorboard", "train/loss") == list(range(1, STEPS + 1))
 
@@ -237,7 +259,8 @@ def test_restore_onto_a_different_mesh(
 
 
 def test_two_hosts_match_one_host(overrides: list[str], reference: Path, tmp_path: Path) -> None:
-    """2 processes x 4 devices (jax.distributed on localhost) == 1 process x 8 devices."""
+    """2 processes x 4 devices (jax.distributed on localhost) == 1 process x 8 devices, with
+    the second process reaching its first step 40 s after the first."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -253,6 +276,7 @@ def test_two_hosts_match_one_host(overrides: list[str], reference: Path, tmp_pat
                 "SFM_NUM_PROCESSES": "2",
                 "SFM_PROCESS_ID": str(i),
             },
+            late_s=40.0 * i,
         )
         for i in range(2)
     ]

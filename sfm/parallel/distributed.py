@@ -17,12 +17,14 @@ import jax
 
 from sfm.errors import SfmError
 
-try:  # private JAX modules: only used to detect a Cloud TPU pod before initializing
+try:  # private JAX modules: detect a Cloud TPU pod before initializing; the job's client
     from jax._src import cloud_tpu_init as _cloud_tpu_init
     from jax._src import clusters as _clusters
+    from jax._src import distributed as _distributed
 except ImportError:  # pragma: no cover - depends on the JAX version
     _cloud_tpu_init = None
     _clusters = None
+    _distributed = None
 
 
 class LaunchError(SfmError, ValueError):
@@ -63,6 +65,21 @@ def initialize_from_env() -> DistributedInfo:
             logger.info("initializing jax.distributed from the TPU pod environment")
             jax.distributed.initialize()
     return DistributedInfo(jax.process_index(), jax.process_count(), jax.local_device_count())
+
+
+def barrier(name: str, timeout_s: float = 1800.0) -> None:
+    """Wait until every process of the job reaches `name`; no-op in a single process.
+
+    This is the coordination service's barrier, not a device collective. Processes that reach
+    their first collective at different times (one compiled slower) fail on CPU: gloo's
+    rendezvous gives up after ~30 s. Meeting here first, after compiling, keeps them together.
+    """
+    if jax.process_count() == 1:
+        return
+    client = None if _distributed is None else _distributed.global_state.client
+    if client is None:  # pragma: no cover - several processes always have a client
+        raise LaunchError("jax.distributed has no client: initialize_from_env() was not called")
+    client.wait_at_barrier(name, int(timeout_s * 1000))
 
 
 def _env_settings() -> _EnvSettings | None:

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from sfm.config import Config, dump_yaml
-from sfm.parallel.distributed import initialize_from_env
+from sfm.parallel.distributed import barrier, initialize_from_env
 from sfm.parallel.mesh import build_mesh
 from sfm.parallel.rules import check_global_batch
 from sfm.train import checkpoint as ckpt
@@ -137,7 +137,7 @@ def train(
                 batch = shard_batch(task.device_batch(next(iterator)), mesh, rules)
                 if not summary.global_batch:
                     summary.global_batch = _announce(cfg, batch)
-                params, mutable, opt_state, metrics = step_fn(
+                args = (
                     state["params"],
                     state["mutable"],
                     state["frozen"],
@@ -145,6 +145,10 @@ def train(
                     batch,
                     jax.random.fold_in(key, step),
                 )
+                if step == start:  # every process compiles, then all run the first step together
+                    step_fn.lower(*args).compile()
+                    barrier("sfm_train_compiled")
+                params, mutable, opt_state, metrics = step_fn(*args)
                 state = {**state, "params": params, "mutable": mutable, "opt_state": opt_state}
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 _check_finite(values, step, cfg)
