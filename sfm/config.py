@@ -16,7 +16,7 @@ import copy
 import dataclasses
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
@@ -226,13 +226,19 @@ def _preset_section(spec: str, name: str) -> dict[str, Any]:
 MOVED_KEYS: dict[str, str] = {"data.n_q": "lm.n_q", "data.delays": "lm.delays"}
 
 
-def _refuse_moved_keys(raw: Mapping[str, Any]) -> None:
-    """A preset or override that sets a key of MOVED_KEYS is told which setting replaced it."""
-    for key, new in MOVED_KEYS.items():
+def _moved_keys_set(raw: Mapping[str, Any]) -> Iterator[tuple[Any, str, str]]:
+    """(section node, name, key) of each key of MOVED_KEYS that `raw` sets."""
+    for key in MOVED_KEYS:
         section, _, name = key.rpartition(".")
         node = raw.get(section)
         if isinstance(node, Mapping) and name in node:
-            raise ConfigError(f"{key}: no longer a setting: the LM's {new} is used")
+            yield node, name, key
+
+
+def _refuse_moved_keys(raw: Mapping[str, Any]) -> None:
+    """A preset or override that sets a key of MOVED_KEYS is told which setting replaced it."""
+    for _, _, key in _moved_keys_set(raw):
+        raise ConfigError(f"{key}: no longer a setting: the LM's {MOVED_KEYS[key]} is used")
 
 
 def load_stored_config(text: str, source: str, overrides: Sequence[str] = ()) -> Config:
@@ -244,11 +250,8 @@ def load_stored_config(text: str, source: str, overrides: Sequence[str] = ()) ->
         raise ConfigError(f"{source}: bad stored config: {_yaml_problem(err)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: bad stored config: expected a mapping, got {describe(raw)}")
-    for key in MOVED_KEYS:
-        section, _, name = key.rpartition(".")
-        node = raw.get(section)
-        if isinstance(node, dict):
-            node.pop(name, None)
+    for node, name, _ in list(_moved_keys_set(raw)):
+        node.pop(name)
     defaults = plain_defaults(Config)
     for key, value in _parse_overrides(overrides).items():  # the user's: errors name the key
         _apply_override(raw, key, value, defaults)

@@ -12,6 +12,7 @@ import pytest
 import soundfile as sf
 
 from sfm import quickstart
+from sfm.train.metrics import read_metrics
 
 pytestmark = [
     pytest.mark.slow,
@@ -33,8 +34,7 @@ def _losses(path: Path, key: str) -> list[float]:
 def _unweighted(run: Path) -> list[float]:
     """The run's loss per logged step with the text term at weight 1 (the stages weigh it
     differently)."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [row["text_loss"] + row["audio_loss"] for row in rows]
+    return [row["text_loss"] + row["audio_loss"] for row in read_metrics(run)]
 
 
 def test_every_stage_ran_and_training_lowered_the_losses(

@@ -22,7 +22,7 @@ from sfm.config import Config, load_config
 from sfm.data.tokenize import write_shard
 from sfm.testing.records import speech_record
 from sfm.train.loop import train
-from sfm.train.metrics import drop_steps_after
+from sfm.train.metrics import drop_steps_after, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "configs" / "train" / "tiny_pretrain.yaml"
@@ -244,6 +244,13 @@ def test_drop_steps_after_keeps_the_restored_steps(tmp_path: Path) -> None:
     assert drop_steps_after(tmp_path / "absent.jsonl", 4) == 0
     assert drop_steps_after(metrics, 0) == 4
     assert metrics.read_text() == ""
+
+
+def test_read_metrics_leaves_out_a_line_cut_short(tmp_path: Path) -> None:
+    rows = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(rows) + '{"step": 4, "lo')
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    assert read_metrics(tmp_path / "absent") == []
 
 
 def test_restore_onto_a_different_mesh(

@@ -64,10 +64,24 @@ def peak_flops(devices: list[Any] | None = None) -> float | None:
     return total
 
 
+def _records(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of each whole line of a metrics.jsonl; a line cut short by a kill is
+    left out."""
+    rows = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # cut short by the kill
+            continue
+        if isinstance(record, dict):
+            rows.append((line, record))
+    return rows
+
+
 def read_metrics(run: Path) -> list[dict[str, float]]:
     """The records of a run's metrics.jsonl, one per step, in order (none before its first)."""
     path = Path(run) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return [record for _, record in _records(path.read_text())] if path.is_file() else []
 
 
 def drop_steps_after(path: Path, step: int) -> int:
@@ -79,14 +93,7 @@ def drop_steps_after(path: Path, step: int) -> int:
     if not path.exists():
         return 0
     text = path.read_text()
-    kept = []
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:  # cut short by the kill
-            continue
-        if isinstance(record, dict) and record.get("step", 0) <= step:
-            kept.append(line + "\n")
+    kept = [line + "\n" for line, record in _records(text) if record.get("step", 0) <= step]
     if "".join(kept) != text:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(kept))
