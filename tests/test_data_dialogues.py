@@ -20,6 +20,7 @@ from sfm.data.dialogues import (
 )
 
 SEEDS = range(8)
+EPS = 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,8 @@ def test_assistant_stops_after_an_interruption(dialogues: list[Timeline]) -> Non
         # Silent from the cut until the reply, which may start up to 0.15 s before the end.
         assert _peak(left, e.assistant_stop + 0.001, e.end - 0.15) == 0.0, "and stopped"
         assert _peak(right, e.start, e.end) > 1e-3
-        late = [w for w, s, _, spk in tl.words if spk == ASSISTANT and e.assistant_stop < s < e.end]
+        reply = e.end - 0.15 - 1e-6  # the reply's words may overlap the question's end
+        late = [w for w, s, _, spk in tl.words if spk == ASSISTANT and e.assistant_stop < s < reply]
         assert not late
 
 
@@ -82,11 +84,34 @@ def test_backchannels_are_short(dialogues: list[Timeline]) -> None:
 
 
 def test_replies_start_when_the_turn_end_says(dialogues: list[Timeline]) -> None:
+    """The question is heard up to the turn end and the reply from the event's reply time:
+    no padding of the speech engines moves either (flite pads ~0.2 s of quiet noise)."""
     for tl in dialogues:
+        left = tl.stereo()[:, 0]
         for e in (e for e in tl.events if e.kind == "turn_end"):
             assert -0.15 <= e.end - e.start <= 0.7
             first = min(s for _, s, _, spk in tl.words if spk == ASSISTANT and s >= e.end - 1e-6)
-            assert first - e.end < 0.5
+            assert first - e.end <= 0.011
+            last = max(x for _, _, x, spk in tl.words if spk == USER and x <= e.start + 1e-6)
+            assert e.start - last <= 0.011
+            if e.end > e.start + 0.05:  # nothing on the assistant's channel before its reply
+                assert _peak(left, e.start + 0.01, e.end - 0.001) == 0.0
+
+
+def test_replies_are_sentences(dialogues: list[Timeline]) -> None:
+    """Every reply the user does not cut short has more than 3 words: a bare "Yes." goes on
+    with a remark (Full-Duplex-Bench counts a one-word reply as not taking the turn)."""
+    replies = 0
+    for tl in dialogues:
+        ends = sorted(e.end for e in tl.events if e.kind == "turn_end")
+        cuts = [e.assistant_stop for e in tl.events if e.kind == "interruption"]
+        for start, until in zip(ends, [*ends[1:], float("inf")]):
+            if any(start < c < until for c in cuts):
+                continue
+            said = [w for w, s, _, who in tl.words if who == ASSISTANT and start - EPS <= s < until]
+            assert len(said) >= 4, said
+            replies += 1
+    assert replies >= 10
 
 
 def test_corpus_files(tmp_path) -> None:

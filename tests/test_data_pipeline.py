@@ -92,6 +92,23 @@ def test_interleave_spans() -> None:
     assert (out_mask[0] == text_span).all() and (out_mask[1 : 1 + K] == speech_span).all()
 
 
+def test_windows_from_the_first_frame() -> None:
+    """`p_from_start` of the windows open at the record's first frame (a dialogue's opening,
+    the delayed streams' initial tokens included); the rest start anywhere."""
+    rng = np.random.default_rng(5)
+    item = lay.to_streams(lay.decode_record(fake_record(rng, 2, 200, 0)), LAYOUT)
+    first = lay.crop_or_pad(*lay.delay_streams(*item, LAYOUT), SEQ, LAYOUT.ignore, 0)["tokens"]
+
+    def share_from_start(p: float) -> float:
+        kw = dict(layout=LAYOUT, seq_len=SEQ, source=3, delayed=True, p_from_start=p)
+        windows = [pl.window(item, rng, **kw)["tokens"] for _ in range(400)]
+        return float(np.mean([np.array_equal(w, first) for w in windows]))
+
+    assert share_from_start(1.0) == 1.0
+    assert 0.15 < share_from_start(0.25) < 0.35  # 100 of 400 expected, sd 8.7
+    assert share_from_start(0.0) < 0.03  # 1 start in 162
+
+
 def _one_source(shards: dict[str, str], source: str) -> dict[str, np.ndarray]:
     """First batch of a pipeline with only `source` enabled."""
     weights = tuple(float(s == source) for s in pl.SOURCES)

@@ -14,7 +14,9 @@ class DataConfig:
 
     `batch_size` is the global batch: every host reads `batch_size / hosts` rows of it, and
     compile, training and throughput figures all count it the same way. The stream layout
-    (codebooks, delays) is the LM's (`LMConfig.layout`), not a data setting."""
+    (codebooks, delays) is the LM's (`LMConfig.layout`), not a data setting.
+    `p_from_start`: the share of windows that open at their record's first frame, so a
+    model sees how dialogues begin (it answers from an empty context at inference)."""
 
     text_paths: tuple[str, ...] = ()
     speech_paths: tuple[str, ...] = ()
@@ -25,6 +27,7 @@ class DataConfig:
     batch_size: int = 8
     seed: int = 0
     p_text_span: float = 0.5
+    p_from_start: float = 0.0
     shard_index: int | None = None
     shard_count: int | None = None
     num_workers: int = 0
@@ -35,8 +38,9 @@ class DataConfig:
                 raise ValueError(f"data.{name}: must be >= 1, got {getattr(self, name)}")
         if min(self.weights) < 0:
             raise ValueError(f"data.weights: must be >= 0, got {list(self.weights)}")
-        if not 0.0 <= self.p_text_span <= 1.0:
-            raise ValueError(f"data.p_text_span: must lie in [0, 1], got {self.p_text_span}")
+        for name in ("p_text_span", "p_from_start"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"data.{name}: must lie in [0, 1], got {getattr(self, name)}")
 
     def paths(self, source: str) -> tuple[str, ...]:
         """Shard files of one source, globs expanded, sorted."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from sfm.data.audio import save_audio
-from sfm.data.synth import Utterance, Voice, synthesize, voices
+from sfm.data.synth import Utterance, Voice, synthesize, trimmed, voices
 from sfm.data.synth_corpus import Summary
 from sfm.data.text import QAPair, qa_pairs, sentences
 
@@ -30,6 +30,7 @@ BACKCHANNELS = ("yeah", "uh-huh", "right", "okay", "mm-hmm")
 HESITATIONS = ("so", "um, okay", "well", "hmm, let me think")
 WORKERS = 2
 FADE_S = 0.02
+MIN_REPLY_WORDS = 4  # a shorter answer always goes on with a remark
 
 
 @dataclass(frozen=True)
@@ -94,12 +95,21 @@ def _cut(audio: np.ndarray, seconds: float) -> np.ndarray:
     return out
 
 
+def _say(text: str, voice: Voice) -> Utterance:
+    """`text` spoken by `voice`, from its first word to its last: a reply placed at t is
+    heard from t, as the events say (see `sfm.data.synth.trimmed`)."""
+    return trimmed(synthesize(text, voice, SAMPLE_RATE), SAMPLE_RATE)
+
+
 def _answer_text(qa: QAPair, rng: random.Random, extra: list[str]) -> str:
-    """The assistant's reply: the answer, sometimes followed by a longer remark."""
+    """The assistant's reply: the answer, followed by a longer remark sometimes, and always
+    after a bare word ("Yes."): a reply holds the floor as a sentence, not as a word a
+    listener (or Full-Duplex-Bench) would take for a backchannel."""
     text = (
         f"The answer is {qa.answer}." if qa.kind == "arithmetic" else f"{qa.answer.capitalize()}."
     )
-    if rng.random() < 0.6:
+    remark = rng.random() < 0.6
+    if remark or len(text.split()) < MIN_REPLY_WORDS:
         text += " " + rng.choice(extra)
     return text
 
@@ -108,11 +118,11 @@ def _user_turn(tl: Timeline, qa: QAPair, user: Voice, start: float, rng: random.
     """The user's question, sometimes with a mid-turn pause the assistant must wait through."""
     question = f"{qa.question.capitalize()}?"
     if rng.random() < 0.35:
-        first = tl.place(synthesize(rng.choice(HESITATIONS) + ",", user), USER, start)
+        first = tl.place(_say(rng.choice(HESITATIONS) + ",", user), USER, start)
         resume = first + rng.uniform(0.6, 1.3)
         tl.events.append(Event("pause", USER, first, resume))
         start = resume
-    return tl.place(synthesize(question, user), USER, start)
+    return tl.place(_say(question, user), USER, start)
 
 
 def _assistant_turn(
@@ -125,20 +135,20 @@ def _assistant_turn(
 ) -> tuple[float, QAPair | None]:
     """The reply, maybe backchannelled or interrupted; returns (end, interrupting question)."""
     assistant, user = voices_
-    reply = synthesize(text, assistant)
+    reply = _say(text, assistant)
     length = len(reply.audio) / SAMPLE_RATE
     roll = rng.random()
     if length > 2.0 and roll < 0.3:
         t_int = start + rng.uniform(0.35, 0.65) * length
         stop = t_int + rng.uniform(0.2, 0.45)
         tl.place(reply, ASSISTANT, start, stop=stop)
-        end = tl.place(synthesize(f"Wait, {follow_up.question}?", user), USER, t_int)
+        end = tl.place(_say(f"Wait, {follow_up.question}?", user), USER, t_int)
         tl.events.append(Event("interruption", USER, t_int, end, assistant_stop=stop))
         return end, follow_up
     end = tl.place(reply, ASSISTANT, start)
     if length > 1.5 and roll < 0.75:
         t_bc = start + rng.uniform(0.3, 0.7) * length
-        bc_end = tl.place(synthesize(rng.choice(BACKCHANNELS), user), USER, t_bc)
+        bc_end = tl.place(_say(rng.choice(BACKCHANNELS), user), USER, t_bc)
         tl.events.append(Event("backchannel", USER, t_bc, bc_end))
     return end, None
 

@@ -162,8 +162,11 @@ def window(
     source: int,
     delayed: bool,
     p_text: float = 0.0,
+    p_from_start: float = 0.0,
 ) -> Element | None:
-    """Optionally interleave, apply delays, then take a random seq_len window."""
+    """Optionally interleave, apply delays, then take a seq_len window: from the first
+    frame with probability `p_from_start` (a dialogue's opening, the stream's initial
+    tokens included), else from anywhere."""
     if item is None:
         return None
     tokens, mask = item
@@ -171,7 +174,8 @@ def window(
         tokens, mask = lay.interleave(tokens, mask, layout, rng, p_text)
     if delayed:
         tokens, mask = lay.delay_streams(tokens, mask, layout)
-    start = int(rng.integers(0, max(tokens.shape[1] - seq_len, 0) + 1))
+    from_start = p_from_start > 0.0 and rng.random() < p_from_start
+    start = 0 if from_start else int(rng.integers(0, max(tokens.shape[1] - seq_len, 0) + 1))
     out = lay.crop_or_pad(tokens, mask, seq_len, layout.ignore, start)
     out["source"] = np.int32(source)
     return out
@@ -190,6 +194,7 @@ def source_fns(
         source=k,
         delayed=source != "text",
         p_text=cfg.p_text_span if source == "interleaved" else 0.0,
+        p_from_start=cfg.p_from_start,
     )
     return partial(decode, layout=layout), fn
 
