@@ -224,6 +224,7 @@ def evaluate_lm(cfg: Config, weights: Path, source: str, shard: Path) -> dict[st
         shard_index=0,
         shard_count=1,
         num_workers=0,
+        p_from_start=0.0,  # windows from anywhere, whatever the training drew
     )
     model = _load_lm(cfg, weights)
     loss = nnx.jit(lambda m, b: lm_loss_fn(m, b)[1])

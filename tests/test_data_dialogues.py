@@ -11,13 +11,16 @@ import soundfile as sf
 
 from sfm.data.dialogues import (
     ASSISTANT,
+    HEARD_DB,
     SAMPLE_RATE,
     USER,
     Timeline,
     _voices,
     render_dialogue,
     synth_dialogues,
+    trimmed,
 )
+from sfm.data.synth import Voice, frame_db, synthesize, voices
 
 SEEDS = range(8)
 EPS = 1e-6
@@ -81,6 +84,31 @@ def test_backchannels_are_short(dialogues: list[Timeline]) -> None:
         words = [w for w, s, _, spk in tl.words if spk == USER and e.start <= s < e.end]
         assert 1 <= len(words) <= 2
         assert _peak(tl.stereo()[:, 0], e.start, e.end) > 1e-3, "said while the assistant talks"
+
+
+@pytest.mark.parametrize("voice", voices("flite"), ids=lambda v: v.name)
+def test_trimmed_drops_the_padding_and_nothing_heard(voice: Voice) -> None:
+    """flite pads both ends with quiet noise that a codec hears; `trimmed` drops it and
+    nothing as loud as speech, fades its new edges, and moves every timing by the cut."""
+    utt = synthesize("What is the capital of France? Cats sleep.", voice, SAMPLE_RATE)
+    cut = trimmed(utt, margin_s=0.01)
+    start = round((utt.words[1].start - cut.words[1].start) * SAMPLE_RATE)
+    stop = start + len(cut.audio)
+    assert start > 0.05 * SAMPLE_RATE, "flite's leading padding is there to cut"
+    fade = int(0.005 * SAMPLE_RATE)
+    np.testing.assert_array_equal(cut.audio[fade:-fade], utt.audio[start + fade : stop - fade])
+    assert cut.audio[0] == cut.audio[-1] == 0.0
+    hop = len(utt.audio) // len(frame_db(utt.audio, SAMPLE_RATE))
+    frame_at = np.arange(len(frame_db(utt.audio, SAMPLE_RATE))) * hop
+    dropped = (frame_at + hop <= start) | (frame_at >= stop)
+    dropped &= frame_at >= 0.08 * SAMPLE_RATE  # kal16 clicks in its first 60 ms: dropped too
+    assert frame_db(utt.audio, SAMPLE_RATE)[dropped].max() <= HEARD_DB
+    shift = start / SAMPLE_RATE
+    for a, b in zip(utt.words[1:-1], cut.words[1:-1], strict=True):
+        assert b.word == a.word
+        assert (b.start, b.end) == pytest.approx((a.start - shift, a.end - shift))
+    assert cut.words[0].start == pytest.approx(0.01, abs=2 / SAMPLE_RATE)
+    assert cut.words[-1].end == pytest.approx(len(cut.audio) / SAMPLE_RATE - 0.01, abs=2e-3)
 
 
 def test_replies_start_when_the_turn_end_says(dialogues: list[Timeline]) -> None:

@@ -107,6 +107,8 @@ def test_windows_from_the_first_frame() -> None:
     assert share_from_start(1.0) == 1.0
     assert 0.15 < share_from_start(0.25) < 0.35  # 100 of 400 expected, sd 8.7
     assert share_from_start(0.0) < 0.03  # 1 start in 162
+    with pytest.raises(ValueError, match="data.p_from_start"):
+        pl.DataConfig(p_from_start=1.5)
 
 
 def _one_source(shards: dict[str, str], source: str) -> dict[str, np.ndarray]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from sfm.data.synth import SynthError, Utterance, Voice, synthesize, trimmed, voices
+from sfm.data.synth import SynthError, Utterance, Voice, synthesize, voices
 from sfm.data.synth_corpus import synth_corpus
 from sfm.data.text import sentences
 
@@ -67,22 +67,6 @@ def test_flite_same_text_and_voice_same_audio() -> None:
         synthesize("Something else entirely, with other sounds.", voice)
         again = synthesize("The answer is seven and that is all.", voice).audio
         np.testing.assert_array_equal(first, again, err_msg=voice.name)
-
-
-def test_trimmed_starts_at_the_first_word_and_ends_at_the_last() -> None:
-    """flite pads both ends with quiet noise; `trimmed` keeps the words' span (and a margin),
-    the same samples, and every timing shifted by the cut."""
-    utt = synthesize("The answer is seven.", Voice("flite", "slt"), RATE)
-    assert utt.words[0].start > 0.1, "flite's leading padding is there to cut"
-    cut = trimmed(utt, RATE, margin_s=0.01)
-    start = int((utt.words[0].start - 0.01) * RATE)
-    np.testing.assert_array_equal(cut.audio, utt.audio[start : start + len(cut.audio)])
-    assert cut.words[0].start == pytest.approx(0.01, abs=1.5 / RATE)
-    assert len(cut.audio) / RATE == pytest.approx(cut.words[-1].end + 0.01, abs=1.5 / RATE)
-    for a, b in zip(utt.words, cut.words, strict=True):
-        assert (b.word, b.end - b.start) == (a.word, pytest.approx(a.end - a.start))
-        assert a.start - b.start == pytest.approx(start / RATE)
-    _check_timings(cut)
 
 
 def test_sample_rate_and_numbers() -> None:

@@ -15,8 +15,9 @@ class DataConfig:
     `batch_size` is the global batch: every host reads `batch_size / hosts` rows of it, and
     compile, training and throughput figures all count it the same way. The stream layout
     (codebooks, delays) is the LM's (`LMConfig.layout`), not a data setting.
-    `p_from_start`: the share of windows that open at their record's first frame, so a
-    model sees how dialogues begin (it answers from an empty context at inference)."""
+    `p_from_start`: the share of windows (of every source) that open at their record's
+    first frame, so that a model sees how a recording begins, as it does at inference from
+    an empty context (a dialogue: the user speaks first)."""
 
     text_paths: tuple[str, ...] = ()
     speech_paths: tuple[str, ...] = ()

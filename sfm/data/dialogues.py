@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from sfm.data.audio import save_audio
-from sfm.data.synth import Utterance, Voice, synthesize, trimmed, voices
+from sfm.data.synth import FRAME_S, Utterance, Voice, WordTiming, frame_db, synthesize, voices
 from sfm.data.synth_corpus import Summary
 from sfm.data.text import QAPair, qa_pairs, sentences
 
@@ -30,6 +30,8 @@ BACKCHANNELS = ("yeah", "uh-huh", "right", "okay", "mm-hmm")
 HESITATIONS = ("so", "um, okay", "well", "hmm, let me think")
 WORKERS = 2
 FADE_S = 0.02
+HEARD_DB = -35.0  # a frame this loud (dB below the loudest) is speech, not flite's padding
+EDGE_FADE_S = 0.005
 MIN_REPLY_WORDS = 4  # a shorter answer always goes on with a remark
 
 
@@ -95,16 +97,51 @@ def _cut(audio: np.ndarray, seconds: float) -> np.ndarray:
     return out
 
 
+def trimmed(utt: Utterance, sample_rate: int = SAMPLE_RATE, margin_s: float = 0.01) -> Utterance:
+    """`utt` cut to its words, widened over any loud frames (within 35 dB of the loudest)
+    that run on from them, plus `margin_s` each side, faded in and out over 5 ms; timings
+    shifted to match, the first word starting and the last ending where the cut sound does.
+
+    flite pads an utterance with 0.1-0.3 s of noise 35-70 dB below its speech at each end
+    (kal16 also clicks in its first 60 ms): a codec encodes it as sound, so speech placed at
+    t would begin at t for the codec and only after the padding for a listener."""
+    if not utt.words:
+        return utt
+    loud = frame_db(utt.audio, sample_rate) > HEARD_DB
+    a, b = int(utt.words[0].start / FRAME_S), int(np.ceil(utt.words[-1].end / FRAME_S))
+    while 0 < a <= len(loud) and loud[a - 1]:
+        a -= 1
+    while b < len(loud) and loud[b]:
+        b += 1
+    duration = len(utt.audio) / sample_rate
+    first, last = (
+        min(utt.words[0].start, a * FRAME_S),
+        min(max(utt.words[-1].end, b * FRAME_S), duration),
+    )
+    start = max(0, int((first - margin_s) * sample_rate))
+    end = min(len(utt.audio), int(np.ceil((last + margin_s) * sample_rate)))
+    shift = start / sample_rate
+    words = [WordTiming(w.word, w.start - shift, w.end - shift) for w in utt.words]
+    words[0].start, words[-1].end = first - shift, last - shift
+    audio = utt.audio[start:end].copy()
+    fade = min(int(EDGE_FADE_S * sample_rate), len(audio) // 2)
+    ramp = np.linspace(0.0, 1.0, fade, endpoint=False, dtype=np.float32)
+    audio[:fade] *= ramp
+    audio[len(audio) - fade :] *= ramp[::-1]
+    return replace(utt, audio=audio, words=words)
+
+
 def _say(text: str, voice: Voice) -> Utterance:
     """`text` spoken by `voice`, from its first word to its last: a reply placed at t is
-    heard from t, as the events say (see `sfm.data.synth.trimmed`)."""
-    return trimmed(synthesize(text, voice, SAMPLE_RATE), SAMPLE_RATE)
+    heard from t, as the events say (see `trimmed`)."""
+    return trimmed(synthesize(text, voice, SAMPLE_RATE))
 
 
 def _answer_text(qa: QAPair, rng: random.Random, extra: list[str]) -> str:
     """The assistant's reply: the answer, followed by a longer remark sometimes, and always
-    after a bare word ("Yes."): a reply holds the floor as a sentence, not as a word a
-    listener (or Full-Duplex-Bench) would take for a backchannel."""
+    after an answer of fewer than `MIN_REPLY_WORDS` words ("Yes.", "New York."): a reply
+    holds the floor as a sentence, not as a word or two a listener (or Full-Duplex-Bench)
+    would take for a backchannel."""
     text = (
         f"The answer is {qa.answer}." if qa.kind == "arithmetic" else f"{qa.answer.capitalize()}."
     )

@@ -10,7 +10,7 @@ import ctypes
 import ctypes.util
 import functools
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -353,21 +353,6 @@ def flite_voices() -> list[Voice]:
         for name in FLITE_VOICES
         if ctypes.util.find_library(f"flite_cmu_us_{name}")
     ]
-
-
-def trimmed(utt: Utterance, sample_rate: int, margin_s: float = 0.01) -> Utterance:
-    """`utt` cut to its words' span plus `margin_s` each side, its timings shifted to match.
-
-    flite pads an utterance with 0.1-0.25 s of noise 45-70 dB below its speech at each end:
-    inaudible, but a codec encodes it as sound, so speech placed at t would begin at t for
-    the codec and only after the padding for a listener."""
-    if not utt.words:
-        return utt
-    start = max(0, int((utt.words[0].start - margin_s) * sample_rate))
-    end = min(len(utt.audio), int(np.ceil((utt.words[-1].end + margin_s) * sample_rate)))
-    shift = start / sample_rate
-    words = [WordTiming(w.word, w.start - shift, w.end - shift) for w in utt.words]
-    return replace(utt, audio=utt.audio[start:end], words=words)
 
 
 # ---------------------------------------------------------------- public entry points

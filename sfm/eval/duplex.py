@@ -56,7 +56,8 @@ class Dialogue:
     words: list[tuple[Word, str]] | None  # (word, speaker) from the alignments, if any
 
 
-def _events(path: Path) -> list[Event]:
+def read_events(path: Path) -> list[Event]:
+    """A dialogue's events (`.events.json`); DialogueError names a missing or bad file."""
     try:
         rows = json.loads(path.read_text())["events"]
         events = [Event(**row) for row in rows]
@@ -101,7 +102,7 @@ def read_dialogues(
             continue
         stem = wav.with_suffix("")
         try:
-            events = _events(stem.with_name(stem.name + ".events.json"))
+            events = read_events(stem.with_name(stem.name + ".events.json"))
             yield Dialogue(stem.name, wav, events, _alignments(wav.with_suffix(".json")))
         except DialogueError as e:
             yield e

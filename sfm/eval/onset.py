@@ -1,30 +1,45 @@
 """How ready a duplex LM is to start speaking: after the user's turn ends, and in the user's
-pauses, read from its text distribution on a dialogue with its own channel held silent.
+pauses, read from its text distribution on a tokenized dialogue.
 
-Teacher-forced on a tokenized dialogue, the LM gives each frame's probability of the padding
-token; one minus it is the chance a word starts there. From an event on, the model's streams
-are replaced by padding and the channel's silence codes (its most frequent code column), so
-each frame reads as "nobody has answered yet", what the model sees at inference until it
-starts. The start probability over a window is 1 - prod(P(pad)). A model that answers turn
-ends and waits through pauses scores near 1 on the first and near 0 on the second; one that
-only starts once its own audio has (as when speech engines pad a reply with quiet noise that
-the codec hears) scores 0 on both, whatever its turn-taking through the engine.
+Teacher-forced on the dialogue, the LM gives P(text token of frame t = padding | the delayed
+tokens of the frames before t); one minus it is the chance that its text leaves the padding
+at t (an end-of-padding token: a word starts on the next frame). For a turn end answered
+after it, the model's streams over the window after the turn end are replaced by padding and
+the channel's silence codes (its most frequent code column) before delaying, so that every
+frame there reads "nobody has answered yet", as at inference until the model starts. Pauses
+are read as the dialogue has them (the assistant is silent through them). The start
+probability over a window is 1 - prod(P(pad)), the chance that text sampled at temperature 1
+without top-k starts a word in it with the model's audio held silent. A model that answers
+turn ends and waits through pauses scores near 1 on the first and near 0 on the second; one
+that starts only once its own audio has (as when speech engines pad a reply with quiet noise
+that the codec hears) scores 0 on both, whatever its turn-taking through the engine.
 
-    probs = onset_probabilities(p_pad_fn, record, events, layout)
-    np.mean(probs["turn_end"]), np.mean(probs["pause"])
+    lm = LMTask().build_model(cfg)  # with its trained weights
+    dialogue_onsets(lm, "tokens/dialogues/validation-00000-of-00001.array_record",
+                    "corpus/dialogues")  # {"turn_end": 0.98, "pause": 0.003, ...}
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from os import PathLike
+from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader
+from flax import nnx
 
 from sfm.data.dialogues import Event
+from sfm.data.tokenize import read_record
+from sfm.eval.duplex import read_events
 from sfm.lm.layout import StreamLayout, delay_streams, to_streams
 
-TURN_WINDOW_S = 0.7  # the dialogues' replies start at most 0.7 s after the turn end
+# The dialogues' replies start at most 0.7 s after the turn end, their first word 10 ms into
+# the reply, its end-of-padding token a frame before: all inside 0.75 s.
+TURN_WINDOW_S = 0.75
 PAUSE_WINDOW_S = 0.6  # the dialogues' pauses last at least 0.6 s
 
 # delayed tokens [S, T] -> P(text pad) per frame [T]
@@ -47,13 +62,12 @@ def onset_probabilities(
     record: Mapping[str, Any],
     events: Sequence[Event],
     layout: StreamLayout,
-    frame_rate: float,
 ) -> dict[str, list[float]]:
-    """Start probabilities of one tokenized dialogue: per turn end (replies starting after
-    it) within `TURN_WINDOW_S`, the model's channel held silent from the turn end; per pause
-    within `PAUSE_WINDOW_S` of its start (the model is silent there in the data)."""
+    """Start probabilities of one tokenized dialogue (`sfm.data.tokenize.read_record`): per
+    turn end answered after it, within `TURN_WINDOW_S` with the model's channel held silent
+    there; per pause, within `PAUSE_WINDOW_S` of its start as the dialogue has it."""
     tokens, mask = to_streams(record, layout)
-    length = tokens.shape[1]
+    length, rate = tokens.shape[1], float(record["frame_rate"])
 
     def probabilities(tokens_st: np.ndarray) -> np.ndarray:
         return p_pad(delay_streams(tokens_st, mask, layout)[0][:, :length])
@@ -62,14 +76,46 @@ def onset_probabilities(
     as_is: np.ndarray | None = None
     silence = silence_codes(tokens[layout.model_audio])
     for e in events:
-        first = int(e.start * frame_rate)
+        first = int(e.start * rate)
         if e.kind == "pause":
             as_is = probabilities(tokens) if as_is is None else as_is
-            out["pause"].append(start_probability(as_is, first, int(PAUSE_WINDOW_S * frame_rate)))
+            out["pause"].append(start_probability(as_is, first, round(PAUSE_WINDOW_S * rate)))
         elif e.kind == "turn_end" and e.end > e.start:  # replies overlapping it: not asked
-            frames = int(TURN_WINDOW_S * frame_rate)
+            frames = round(TURN_WINDOW_S * rate)
             held = tokens.copy()
             held[0, first : first + frames] = layout.text_pad
             held[layout.model_audio, first : first + frames] = silence[:, None]
             out["turn_end"].append(start_probability(probabilities(held), first, frames))
     return out
+
+
+def lm_pad_probabilities(lm: nnx.Module) -> PadProbabilities:
+    """P(text pad) per frame from one forward pass of `lm` (`sfm.lm.model.LM`)."""
+    pad = lm.cfg.layout.text_pad
+    forward = nnx.jit(lambda m, x: jax.nn.softmax(m(x).text_logits.astype(jnp.float32), -1))
+    return lambda tokens_st: np.asarray(forward(lm, jnp.asarray(tokens_st[None]))[0, :, pad])
+
+
+def dialogue_onsets(
+    lm: nnx.Module,
+    shard: str | PathLike[str],
+    dialogues: str | PathLike[str],
+    limit: int | None = None,
+) -> dict[str, float]:
+    """Mean start probabilities of `lm` over the first `limit` dialogues of a tokenized shard,
+    their events read beside the audio each record names under `dialogues`: keys turn_end
+    and pause (NaN without such events), and their counts."""
+    p_pad, layout = lm_pad_probabilities(lm), lm.cfg.layout
+    reader = ArrayRecordReader(str(shard))
+    try:
+        records = [read_record(data) for data in reader.read_all()][:limit]
+    finally:
+        reader.close()
+    found: dict[str, list[float]] = {"turn_end": [], "pause": []}
+    for record in records:
+        wav = Path(dialogues) / record["path"]
+        events = read_events(wav.with_name(wav.stem + ".events.json"))
+        for kind, values in onset_probabilities(p_pad, record, events, layout).items():
+            found[kind] += values
+    means = {k: float(np.mean(v)) if v else float("nan") for k, v in found.items()}
+    return means | {f"{k}_events": len(v) for k, v in found.items()}
