@@ -100,7 +100,7 @@ def _cut(audio: np.ndarray, seconds: float) -> np.ndarray:
 def trimmed(utt: Utterance, sample_rate: int = SAMPLE_RATE, margin_s: float = 0.01) -> Utterance:
     """`utt` cut to its words, widened over any loud frames (within 35 dB of the loudest)
     that run on from them, plus `margin_s` each side, faded in and out over 5 ms; timings
-    shifted to match, the first word starting and the last ending where the cut sound does.
+    shifted to match, the first word starting where that span does and the last ending there.
 
     flite pads an utterance with 0.1-0.3 s of noise 35-70 dB below its speech at each end
     (kal16 also clicks in its first 60 ms): a codec encodes it as sound, so speech placed at
@@ -132,8 +132,8 @@ def trimmed(utt: Utterance, sample_rate: int = SAMPLE_RATE, margin_s: float = 0.
 
 
 def _say(text: str, voice: Voice) -> Utterance:
-    """`text` spoken by `voice`, from its first word to its last: a reply placed at t is
-    heard from t, as the events say (see `trimmed`)."""
+    """`text` spoken by `voice` without the engine's padding: a reply placed at t is heard
+    from t, as the events say (see `trimmed`)."""
     return trimmed(synthesize(text, voice, SAMPLE_RATE))
 
 
