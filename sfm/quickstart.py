@@ -28,7 +28,7 @@ import dataclasses
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import soundfile as sf
-from array_record.python.array_record_module import ArrayRecordReader
 from flax import nnx
 
 from sfm.config import Config, load_config
+from sfm.data.tokenize import read_shard
 from sfm.errors import SfmError
 from sfm.quickstart_report import Report, plot_runs, write_report
 
@@ -157,18 +157,9 @@ def _train(preset: str, out: Path, scale: float, *overrides: str) -> Config:
 
 def _validation_wavs(corpus: Path, tokens: Path) -> list[Path]:
     """The held-out utterances: the manifest paths of the validation records."""
-    return [corpus / r["path"] for r in _records(tokens / "validation-00000-of-00001.array_record")]
-
-
-def _records(path: Path) -> Iterator[dict[str, Any]]:
-    from sfm.data.tokenize import read_record
-
-    reader = ArrayRecordReader(str(path))
-    try:
-        for data in reader.read_all():
-            yield read_record(data)
-    finally:
-        reader.close()
+    return [
+        corpus / r["path"] for r in read_shard(tokens / "validation-00000-of-00001.array_record")
+    ]
 
 
 def evaluate_codec(codec_ckpt: Path, wavs: list[Path]) -> dict[str, float]:
@@ -262,7 +253,7 @@ def generate_reply(
     from sfm.io.codec import build_codec, load_run_config
     from sfm.lm.layout import TEXT_EPAD, TEXT_PAD
 
-    record = next(_records(shard))
+    record = next(read_shard(shard))
     codec = build_codec(load_run_config(None, codec_ckpt, ()), codec_ckpt)
     user_t = load_audio(corpus / "dialogues" / record["path"], codec.cfg.sample_rate, channel=1)
     engine = Engine(codec, _load_lm(cfg, weights), 1, cfg.sampling, seed=cfg.seed)

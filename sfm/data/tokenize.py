@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import soundfile as sf
-from array_record.python.array_record_module import ArrayRecordWriter
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -273,6 +273,16 @@ def read_record(data: bytes) -> dict[str, Any]:
         "frame_rate": float(record["frame_rate"]),
         "path": str(record["path"]),
     }
+
+
+def read_shard(path: PathLike) -> Iterator[dict[str, Any]]:
+    """The records of one ArrayRecord shard, in order (see `read_record`)."""
+    reader = ArrayRecordReader(str(path))
+    try:
+        for data in reader.read_all():
+            yield read_record(data)
+    finally:
+        reader.close()
 
 
 def shard_name(split: str, index: int, count: int) -> str:

@@ -21,6 +21,7 @@ that the codec hears) scores 0 on both, whatever its turn-taking through the eng
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
@@ -29,11 +30,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordReader
 from flax import nnx
 
 from sfm.data.dialogues import Event
-from sfm.data.tokenize import read_record
+from sfm.data.tokenize import read_shard
 from sfm.eval.duplex import read_events
 from sfm.lm.layout import StreamLayout, delay_streams, to_streams
 
@@ -106,13 +106,8 @@ def dialogue_onsets(
     their events read beside the audio each record names under `dialogues`: keys turn_end
     and pause (NaN without such events), and their counts."""
     p_pad, layout = lm_pad_probabilities(lm), lm.cfg.layout
-    reader = ArrayRecordReader(str(shard))
-    try:
-        records = [read_record(data) for data in reader.read_all()][:limit]
-    finally:
-        reader.close()
     found: dict[str, list[float]] = {"turn_end": [], "pause": []}
-    for record in records:
+    for record in itertools.islice(read_shard(shard), limit):
         wav = Path(dialogues) / record["path"]
         events = read_events(wav.with_name(wav.stem + ".events.json"))
         for kind, values in onset_probabilities(p_pad, record, events, layout).items():
