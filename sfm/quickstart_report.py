@@ -129,8 +129,10 @@ def write_report(report: Report) -> Path:
                   "(a one-word reply does not take the turn); through the codec, the same "
                   "channel encoded and decoded by the quickstart codec: the best a model "
                   "speaking through that codec can score (the scorer hears speech through "
-                  "VAD and ASR). Published figures: Full-Duplex-Bench v1 on real speech, for "
-                  "context. More plots: eval/duplex/report.md.", ""]  # fmt: skip
+                  "VAD and ASR). Rates carry one binomial standard error over the events "
+                  "they count (the events column): another held-out set of this size could "
+                  "move them about that much. Published figures: Full-Duplex-Bench v1 on "
+                  "real speech, for context. More plots: eval/duplex/report.md.", ""]  # fmt: skip
         if (report.out / "eval" / "duplex" / "timeline.png").is_file():
             lines += ["The model (VAD segments, ASR words) and the user over one held-out "
                       "dialogue, its events marked:", "",

@@ -329,3 +329,23 @@ def test_converse_many_shares_slots():
     with pytest.raises(ValueError, match="conversation 1: the user's audio is empty"):
         converse_many(engine, [users[0], np.zeros(0, np.float32)])
     assert not engine.busy.any()
+
+
+def test_duplex_table_rates_carry_their_standard_error():
+    """A rate of 9 events in 12 reads 0.750 ± 0.125 (sqrt(0.75 * 0.25 / 12)), its count in the
+    events column; a rate over no events stays bare, and latencies carry no error."""
+    from sfm.eval.report import duplex_table, rate_cell
+
+    metrics = {
+        "pause_handling": {"tor": 0.75, "events": 12},
+        "smooth_turn_taking": {"tor": None, "latency_s": 0.5, "events": 0},
+        "user_interruption": {"tor": 1.0, "stop_rate": 0.5, "talking_at_barge_in": 2, "events": 2},
+    }
+    assert rate_cell(metrics, "pause_handling.tor") == "0.750 ± 0.125"
+    assert rate_cell(metrics, "user_interruption.tor") == "1.000 ± 0.000"
+    assert rate_cell(metrics, "user_interruption.stop_rate") == "0.500 ± 0.354"
+    assert rate_cell(metrics, "smooth_turn_taking.tor") == "-"
+    rows = {line.split(" | ")[0].strip("| "): line for line in duplex_table(metrics)}
+    pause = rows["pause handling TOR"]
+    assert pause.startswith("| pause handling TOR | lower | 12 | 0.750 ± 0.125 |")
+    assert "| turn-taking latency (s) | lower |  | 0.500 |" in rows["turn-taking latency (s)"]

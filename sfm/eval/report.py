@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,13 @@ DUPLEX_ROWS = (  # (metrics.json path, label, better)
     ("user_interruption.response_latency_s", "interruption response latency (s)", "lower"),
     ("user_interruption.stop_rate", "stopped within 0.5 s", "higher"),
 )
+RATE_COUNTS = {  # a rate's path -> the path of the count of events it is a share of
+    "pause_handling.tor": "pause_handling.events",
+    "backchannel.tor": "backchannel.events",
+    "smooth_turn_taking.tor": "smooth_turn_taking.events",
+    "user_interruption.tor": "user_interruption.events",
+    "user_interruption.stop_rate": "user_interruption.talking_at_barge_in",
+}
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -31,6 +39,16 @@ def fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def rate_cell(metrics: dict[str, Any], path: str) -> str:
+    """A rate of the turn-taking table with its binomial standard error over the events it
+    counts, e.g. "0.797 ± 0.033": how far another draw of as many events could move it."""
+    value = lookup(metrics, path)
+    count = lookup(metrics, RATE_COUNTS[path])
+    if value is None or not count:
+        return fmt(value)
+    return f"{value:.3f} ± {math.sqrt(value * (1.0 - value) / count):.3f}"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
@@ -56,14 +74,20 @@ def duplex_table(
 ) -> list[str]:
     """The turn-taking table: this set's figures, then more measured `columns` (name ->
     metrics, e.g. the dialogues' own assistant channel: the best this data allows), beside
-    the published systems'; with `targets` (metrics.json path -> text) a column of them."""
+    the published systems'; with `targets` (metrics.json path -> text) a column of them.
+    Measured rates carry their standard error (`rate_cell`); the events column counts the
+    events behind the first measured column's rates."""
     ours = {"this set" if not columns else "model": metrics, **(columns or {})}
-    header = ["metric", "better", *(["target"] if targets is not None else []), *ours, *DUPLEX]
+    goals = ["target"] if targets is not None else []
+    header = ["metric", "better", *goals, "events", *ours, *DUPLEX]
     rows = []
     for path, label, better in DUPLEX_ROWS:
         goal = [] if targets is None else [targets.get(path, "")]
-        values = [lookup(m, path) for m in ours.values()]
-        rows.append([label, better, *goal, *values, *(DUPLEX[s].get(path) for s in DUPLEX)])
+        rate = path in RATE_COUNTS
+        count = lookup(metrics, RATE_COUNTS[path]) if rate else None
+        values = [rate_cell(m, path) if rate else lookup(m, path) for m in ours.values()]
+        published = [DUPLEX[s].get(path) for s in DUPLEX]
+        rows.append([label, better, *goal, "" if count is None else count, *values, *published])
     return markdown_table(header, rows)
 
 
