@@ -43,7 +43,7 @@ def fmt(value: Any, digits: int = 3) -> str:
 
 def rate_cell(metrics: dict[str, Any], path: str) -> str:
     """A rate of the turn-taking table with its binomial standard error over the events it
-    counts, e.g. "0.797 ± 0.033": how far another draw of as many events could move it."""
+    counts, e.g. "0.797 ± 0.032": how far another draw of as many events could move it."""
     value = lookup(metrics, path)
     count = lookup(metrics, RATE_COUNTS[path])
     if value is None or not count:
