@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     dia.add_argument("--out", required=True, help="output folder (wav/, manifest.jsonl)")
     dia.add_argument("--minutes", type=float, default=10.0, help="minutes of audio to make")
     dia.add_argument("--seed", type=int, default=0, help="seed for text, voices and timing")
+    dia.add_argument(
+        "--interrupted", type=float, help="share of replies the user barges into (0.3)"
+    )
+    dia.add_argument("--backchannelled", type=float, help="share given a backchannel (0.45)")
     dia.set_defaults(run=cmd.data_dialogues)
     ev = data_cmds.add_parser("eval-set", help="real recorded speech from Debian packages")
     ev.add_argument("--out", required=True, help="output folder (wav/, manifest.jsonl)")

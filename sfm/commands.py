@@ -92,9 +92,11 @@ def data_synth(args: argparse.Namespace) -> None:
 
 def data_dialogues(args: argparse.Namespace) -> None:
     """`sfm data dialogues`: write synthetic stereo dialogues and print their summary."""
-    from sfm.data.dialogues import synth_dialogues
+    from sfm.data.dialogues import EventShares, synth_dialogues
 
-    print(synth_dialogues(args.out, args.minutes, args.seed).line())
+    given = {"interrupted": args.interrupted, "backchannelled": args.backchannelled}
+    shares = EventShares(**{name: v for name, v in given.items() if v is not None})
+    print(synth_dialogues(args.out, args.minutes, args.seed, shares).line())
 
 
 def data_eval_set(args: argparse.Namespace) -> None:

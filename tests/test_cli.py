@@ -222,6 +222,12 @@ def test_unwritable_output(work: Path, capsys: pytest.CaptureFixture[str]) -> No
 # ---- bad config and checkpoints ----------------------------------------------------------
 
 
+def test_bad_dialogue_share(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["data", "dialogues", "--out", str(work / "dia"), "--interrupted", "1.5"]
+    _run_error(capsys, argv, "interrupted: a share in [0, 1], got 1.5")
+    assert not (work / "dia" / "manifest.jsonl").exists()
+
+
 def test_unknown_preset(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["codec", "encode", str(work / "in.wav"), str(work / "x.npz"), "--config", "huge"]
     assert "presets:" in _run_error(capsys, argv, "huge")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -14,13 +15,14 @@ from sfm.data.dialogues import (
     HEARD_DB,
     SAMPLE_RATE,
     USER,
+    EventShares,
     Timeline,
     _voices,
     render_dialogue,
     synth_dialogues,
     trimmed,
 )
-from sfm.data.synth import Voice, frame_db, synthesize, voices
+from sfm.data.synth import SynthError, Voice, frame_db, synthesize, voices
 
 SEEDS = range(8)
 EPS = 1e-6
@@ -156,3 +158,35 @@ def test_corpus_files(tmp_path) -> None:
         assert all(0 <= r[1][0] < r[1][1] <= row["duration"] + 1e-3 for r in rows)
         events = json.loads(wav.with_name(wav.stem + ".events.json").read_text())["events"]
         assert any(ev["kind"] == "turn_end" for ev in events)
+
+
+@pytest.mark.parametrize(
+    ("shares", "present", "absent"),
+    [
+        (EventShares(0.0, 0.0), set(), {"interruption", "backchannel"}),
+        (EventShares(1.0, 0.0), {"interruption"}, set()),
+        (EventShares(0.0, 1.0), {"backchannel"}, {"interruption"}),
+    ],
+)
+def test_event_shares_choose_what_meets_a_reply(
+    shares: EventShares, present: set[str], absent: set[str]
+) -> None:
+    """Neither, every reply over 2 s interrupted (a reply of 1.5-2 s, too short for that,
+    may still be backchannelled), or every reply backchannelled and none interrupted."""
+    assistant, user = _voices(random.Random(0))
+    kinds = [
+        e.kind
+        for seed in range(3)
+        for e in render_dialogue(seed, assistant, user, exchanges=3, shares=shares).events
+    ]
+    assert present <= set(kinds) and not absent & set(kinds), kinds
+
+
+@pytest.mark.parametrize(
+    ("given", "field"),
+    [({"interrupted": -0.1}, "interrupted"), ({"backchannelled": 1.5}, "backchannelled"),
+     ({"interrupted": 0.6, "backchannelled": 0.6}, "interrupted + backchannelled")],
+)  # fmt: skip
+def test_bad_event_shares_name_the_field(given: dict[str, float], field: str) -> None:
+    with pytest.raises(SynthError, match=f"^{re.escape(field)}: "):
+        EventShares(**given)

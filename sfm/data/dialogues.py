@@ -20,7 +20,16 @@ from pathlib import Path
 import numpy as np
 
 from sfm.data.audio import save_audio
-from sfm.data.synth import FRAME_S, Utterance, Voice, WordTiming, frame_db, synthesize, voices
+from sfm.data.synth import (
+    FRAME_S,
+    SynthError,
+    Utterance,
+    Voice,
+    WordTiming,
+    frame_db,
+    synthesize,
+    voices,
+)
 from sfm.data.synth_corpus import Summary
 from sfm.data.text import QAPair, qa_pairs, sentences
 
@@ -49,6 +58,27 @@ class Event:
     start: float
     end: float
     assistant_stop: float | None = None
+
+
+@dataclass(frozen=True)
+class EventShares:
+    """How often the user meets a reply. One uniform draw per reply: under `interrupted`
+    the user barges into it (replies over 2 s); else under `interrupted + backchannelled`
+    the user gives a backchannel (replies over 1.5 s: one of 1.5-2 s, too short to be
+    interrupted, gets one on either share)."""
+
+    interrupted: float = 0.3
+    backchannelled: float = 0.45
+
+    def __post_init__(self) -> None:
+        for name in ("interrupted", "backchannelled"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise SynthError(f"{name}: a share in [0, 1], got {getattr(self, name)}")
+        if self.interrupted + self.backchannelled > 1.0:
+            raise SynthError(
+                f"interrupted + backchannelled: at most 1 together, got "
+                f"{self.interrupted} + {self.backchannelled}"
+            )
 
 
 @dataclass
@@ -169,13 +199,14 @@ def _assistant_turn(
     start: float,
     rng: random.Random,
     follow_up: QAPair,
+    shares: EventShares,
 ) -> tuple[float, QAPair | None]:
     """The reply, maybe backchannelled or interrupted; returns (end, interrupting question)."""
     assistant, user = voices_
     reply = _say(text, assistant)
     length = len(reply.audio) / SAMPLE_RATE
     roll = rng.random()
-    if length > 2.0 and roll < 0.3:
+    if length > 2.0 and roll < shares.interrupted:
         t_int = start + rng.uniform(0.35, 0.65) * length
         stop = t_int + rng.uniform(0.2, 0.45)
         tl.place(reply, ASSISTANT, start, stop=stop)
@@ -183,14 +214,20 @@ def _assistant_turn(
         tl.events.append(Event("interruption", USER, t_int, end, assistant_stop=stop))
         return end, follow_up
     end = tl.place(reply, ASSISTANT, start)
-    if length > 1.5 and roll < 0.75:
+    if length > 1.5 and roll < shares.interrupted + shares.backchannelled:
         t_bc = start + rng.uniform(0.3, 0.7) * length
         bc_end = tl.place(_say(rng.choice(BACKCHANNELS), user), USER, t_bc)
         tl.events.append(Event("backchannel", USER, t_bc, bc_end))
     return end, None
 
 
-def render_dialogue(seed: int, assistant: Voice, user: Voice, exchanges: int = 3) -> Timeline:
+def render_dialogue(
+    seed: int,
+    assistant: Voice,
+    user: Voice,
+    exchanges: int = 3,
+    shares: EventShares = EventShares(),
+) -> Timeline:
     """One dialogue of `exchanges` question/answer exchanges, laid out on two channels."""
     rng = random.Random(seed)
     qas, extra = qa_pairs(exchanges * 2, seed), sentences(8, seed)
@@ -202,7 +239,13 @@ def render_dialogue(seed: int, assistant: Voice, user: Voice, exchanges: int = 3
         gap = rng.uniform(-0.15, 0.7)  # negative: the reply overlaps the end of the question
         tl.events.append(Event("turn_end", USER, t, t + gap))
         t, pending = _assistant_turn(
-            tl, _answer_text(qa, rng, extra), (assistant, user), t + gap, rng, qas[exchanges + i]
+            tl,
+            _answer_text(qa, rng, extra),
+            (assistant, user),
+            t + gap,
+            rng,
+            qas[exchanges + i],
+            shares,
         )
         if pending is None:  # a short silence before the user's next question
             t += rng.uniform(0.4, 1.0)
@@ -219,12 +262,14 @@ def _voices(rng: random.Random) -> tuple[Voice, Voice]:
     return assistant, user
 
 
-def _write(args: tuple[int, int, Path]) -> tuple[str, float]:
+def _write(args: tuple[int, int, Path, EventShares]) -> tuple[str, float]:
     """Write dialogue `index`: WAV, alignments and events; returns (path, duration)."""
-    index, seed, out = args
+    index, seed, out, shares = args
     rng = random.Random(seed * 1_000_003 + index)
     assistant, user = _voices(rng)
-    tl = render_dialogue(rng.randrange(2**31), assistant, user, exchanges=rng.randint(2, 4))
+    tl = render_dialogue(
+        rng.randrange(2**31), assistant, user, exchanges=rng.randint(2, 4), shares=shares
+    )
     audio = tl.stereo()
     peak = float(np.abs(audio).max()) or 1.0
     name = f"dialogue_{index:06d}"
@@ -239,14 +284,23 @@ def _write(args: tuple[int, int, Path]) -> tuple[str, float]:
     return f"wav/{name}.wav", len(audio) / SAMPLE_RATE
 
 
-def synth_dialogues(out_dir: str | PathLike[str], minutes: float = 10.0, seed: int = 0) -> Summary:
-    """Write at least `minutes` of stereo dialogues with alignments, events and a manifest."""
+def synth_dialogues(
+    out_dir: str | PathLike[str],
+    minutes: float = 10.0,
+    seed: int = 0,
+    shares: EventShares = EventShares(),
+) -> Summary:
+    """Write at least `minutes` of stereo dialogues with alignments, events and a manifest;
+    `shares`: how often replies are interrupted or backchannelled (the held-out sets keep
+    the default)."""
     t0, out = time.perf_counter(), Path(out_dir)
     (out / "wav").mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, float]] = []
     with multiprocessing.get_context("spawn").Pool(WORKERS) as workers:
         while (missing := minutes * 60 - sum(d for _, d in rows)) > 0:
-            batch = [(len(rows) + i, seed, out) for i in range(max(2, int(missing / 15) + 1))]
+            batch = [
+                (len(rows) + i, seed, out, shares) for i in range(max(2, int(missing / 15) + 1))
+            ]
             rows += workers.map(_write, batch)
     with (out / "manifest.jsonl").open("w") as f:
         for path, duration in rows:
