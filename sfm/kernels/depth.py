@@ -12,10 +12,12 @@ to the next position. Two variants share the math (`DepthWeights.kind`):
   position k >= 1 reads proj(emb_{k-1}(c_{k-1})) (the temporal model's tables) with RoPE
   over the position, and its per-codebook head predicts c_k.
 
-`reference` is plain JAX (the definition); `sfm.kernels.depth_tpu` is the fused Pallas
-kernel (one launch per batch tile for all P steps). Both sample with `sfm.kernels.sampling`
-so their tokens compare exactly. Weights are passed as the model stores them (any float
-dtype, cast to the compute dtype where they are read); the layout is the LM's: kernels
+`reference` is plain JAX (the definition); `sfm.kernels.depth_tpu` is the fused Pallas TPU
+kernel (one launch per batch tile for all P steps), `sfm.kernels.depth_gpu` its Mosaic GPU
+counterpart. All sample with `sfm.kernels.sampling` (the GPU kernel column-wise,
+`sfm.kernels.sampling_gpu`) so their tokens compare exactly. Weights are passed as the
+model stores them (any float dtype, cast to the compute dtype where they are read); the
+layout is the LM's: kernels
 [out, in], stacked layers first, per-step weight sets second.
 """
 
@@ -229,7 +231,8 @@ def depth_frame(
     [B, 1] float32 (<= 0: argmax) and top-k [B, 1] int32 in [1, V] (see
     `sfm.kernels.sampling`). impl "xla" is `reference`; "pallas" the fused kernel
     (`interpret`: None picks by the platform the program is lowered for, see below; True
-    or `pltpu.InterpretParams` the TPU interpreter; False Mosaic).
+    or `pltpu.InterpretParams` the TPU kernel in the TPU interpreter, "hlo" in Pallas's
+    generic one; False Mosaic).
 
     Scoring: with `given_bp` [B, P] those tokens are fed on instead of the sampled ones and
     (tokens, logits [P, B, V] float32) come back: the frame's logits given its codes."""
@@ -245,15 +248,23 @@ def depth_frame(
     )
     if interpret is not None:
         return kernel(*args, interpret=interpret)
-    # Chosen where the program is lowered (an ahead-of-time TPU compile on a CPU host gets
-    # the Mosaic kernel): TPU the kernel, CPU the kernel in the TPU interpreter, GPUs the
-    # reference (no Mosaic GPU kernel yet).
-    return jax.lax.platform_dependent(
-        *args,
-        tpu=partial(kernel, interpret=False),
-        cpu=partial(kernel, interpret=True),
-        default=partial(reference, greedy=greedy, given_bp=given_bp),
-    )
+    from sfm.kernels.depth_gpu import depth_frame_gpu, supports
+    from sfm.kernels.depth_plan import plan, vmem_capacity
+
+    xla = partial(reference, greedy=greedy, given_bp=given_bp)
+    tpu, cpu = partial(kernel, interpret=False), partial(kernel, interpret="hlo")
+    try:  # a frame the TPU kernel cannot fit in VMEM runs the reference there
+        plan(w, h_bd.shape[0], h_bd.dtype, vmem_capacity(), block_b, block_f)
+    except ValueError:
+        tpu = cpu = xla
+    gpu = xla  # float32 and odd sizes: the reference (see `depth_gpu.supports`)
+    if supports(w, h_bd.dtype) is None:
+        gpu = partial(depth_frame_gpu, greedy=greedy, given_bp=given_bp)
+    # Chosen where the program is lowered (an ahead-of-time compile on a CPU host gets the
+    # target's kernel): TPU the Mosaic kernel, CUDA GPUs the Mosaic GPU kernel, CPU the TPU
+    # kernel in Pallas's generic interpreter (free of side effects, so the branches lower
+    # together), anything else the reference.
+    return jax.lax.platform_dependent(*args, tpu=tpu, cuda=gpu, cpu=cpu, default=xla)
 
 
 __all__ = ["DepthWeights", "Impl", "depth_frame", "reference", "rope_tables", "swap_pairs"]

@@ -248,10 +248,11 @@ def depth_frame_kernel(
     """`sfm.kernels.depth.depth_frame` as one kernel launch per batch tile: tokens [B, P].
 
     `interpret`: False compiles with Mosaic; True runs the TPU interpreter, as does a
-    `pltpu.InterpretParams` (race detection). `block_b` / `block_f` fix the batch tile and
-    the MLP chunk; by default `sfm.kernels.depth_plan.plan` fits them to
-    `vmem_capacity_bytes` (default: this TPU's, `vmem_capacity`). `given_bp` [B, P]: see
-    `sfm.kernels.depth.depth_frame`."""
+    `pltpu.InterpretParams` (race detection); "hlo" Pallas's generic interpreter (no side
+    effects: it lowers inside `jax.lax.platform_dependent` beside the device kernels).
+    `block_b` / `block_f` fix the batch tile and the MLP chunk; by default
+    `sfm.kernels.depth_plan.plan` fits them to `vmem_capacity_bytes` (default: this TPU's,
+    `vmem_capacity`). `given_bp` [B, P]: see `sfm.kernels.depth.depth_frame`."""
     dtype = h_bd.dtype
     batch, p = h_bd.shape[0], w.positions
     capacity = vmem_capacity_bytes or vmem_capacity()
@@ -278,6 +279,8 @@ def depth_frame_kernel(
     dq = w.num_heads * w.head_dim
     if interpret is True:
         interpret = pltpu.InterpretParams()
+    elif interpret == "hlo":
+        interpret = True  # pallas_call's own: the kernel discharged into plain JAX
     kernel = functools.partial(
         _kernel, w=w, dtype=dtype, greedy=greedy, widen=widen is not None, scoring=scoring
     )
