@@ -1,11 +1,11 @@
 """The fused depth-frame kernel against its XLA reference, Moshi 7B (K=8) and CSM (K=32)
 depth shapes in bfloat16, batch 1 / 16 / 64.
 
-On a TPU: both timed in one run, the ratio printed. Elsewhere (no TPU here): both compiled
-ahead of time for v5e, v5p and v6e with libtpu (Mosaic really compiles the kernel, inside
-the chip's VMEM) and compared by the compiled programs' cost analysis: FLOPs, HBM bytes and
-the roofline time they imply on that chip (max(FLOPs / peak bf16, bytes / HBM bandwidth)).
-The kernel is Mosaic TPU only: on a GPU there is nothing of ours to time yet.
+On a TPU (the Mosaic kernel) or a CUDA GPU (the Mosaic GPU kernel): both timed in one run,
+the ratio printed. Elsewhere (no accelerator here): both compiled ahead of time for v5e,
+v5p and v6e with libtpu (Mosaic really compiles the kernel, inside the chip's VMEM) and
+compared by the compiled programs' cost analysis: FLOPs, HBM bytes and the roofline time
+they imply on that chip (max(FLOPs / peak bf16, bytes / HBM bandwidth)).
 
     python bench/depth_kernels.py                 # compile figures (CPU) or timings (TPU)
     python bench/depth_kernels.py --batch 16 --chip v5e
@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from sfm.kernels.depth import DepthWeights, reference
+from sfm.kernels.depth_gpu import depth_frame_gpu
 from sfm.kernels.depth_plan import plan
 from sfm.kernels.depth_tpu import depth_frame_kernel
 
@@ -167,8 +168,9 @@ def compile_grouped_matmul(chip: str, impl: str, rows: int = 4096) -> CompileRep
     )  # fmt: skip
 
 
-def time_on_tpu(kind: str, batch: int, iters: int) -> None:
-    """Both sides on this TPU, random weights, one run; prints ms per frame and the ratio."""
+def time_on_device(kind: str, batch: int, iters: int) -> None:
+    """Both sides on this TPU or GPU (its kernel), random weights, one run; prints ms per
+    frame and the ratio."""
     w = depth_shapes(kind)
     keys = iter(jax.random.split(jax.random.key(0), 64))
     weights = jax.tree.map(
@@ -181,13 +183,12 @@ def time_on_tpu(kind: str, batch: int, iters: int) -> None:
     ]  # fmt: skip
     args[3] = jnp.full_like(args[3], 0.8)
     args[4] = jnp.full_like(args[4], 250)
+    kernel = depth_frame_gpu if jax.default_backend() == "gpu" else depth_frame_kernel
     times = {}
     for impl in ("xla", "pallas"):
         fn = jax.jit(
             lambda w, *a, impl=impl: (
-                reference(w, *a, greedy=False)
-                if impl == "xla"
-                else depth_frame_kernel(w, *a, greedy=False)
+                reference(w, *a, greedy=False) if impl == "xla" else kernel(w, *a, greedy=False)
             )
         )
         fn(weights, *args).block_until_ready()
@@ -212,13 +213,10 @@ def main() -> None:
     args = parser.parse_args()
     kinds, batches = args.kind or list(SHAPES), args.batch or [1, 16, 64]
     backend = jax.default_backend()
-    if backend == "tpu":
+    if backend in ("tpu", "gpu"):
         for kind in kinds:
             for batch in batches:
-                time_on_tpu(kind, batch, args.iters)
-        return
-    if backend == "gpu":
-        print("the depth kernel is Mosaic TPU only; nothing of ours to time on a GPU yet")
+                time_on_device(kind, batch, args.iters)
         return
     print("no TPU: ahead-of-time compiles for TPU chips (libtpu), cost analysis per frame")
     for chip in args.chip or list(CHIPS):
