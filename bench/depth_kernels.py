@@ -7,7 +7,7 @@ v5p and v6e with libtpu (Mosaic really compiles the kernel, inside the chip's VM
 compared by the compiled programs' cost analysis: FLOPs, HBM bytes and the roofline time
 they imply on that chip (max(FLOPs / peak bf16, bytes / HBM bandwidth)).
 
-    python bench/depth_kernels.py                 # compile figures (CPU) or timings (TPU)
+    python bench/depth_kernels.py                 # compile figures (CPU), timings (TPU/GPU)
     python bench/depth_kernels.py --batch 16 --chip v5e
 """
 

@@ -329,6 +329,23 @@ def test_stablehlo_export_runs_without_sfm_and_equals_the_engine(
         export_stablehlo(lm_only, tmp_path / "never")
 
 
+def test_stablehlo_export_of_a_kernel_run_lowers_the_references(
+    models: tuple[Mimi, LM], tmp_path: Path
+) -> None:
+    """A run trained with lm.attention_impl=pallas exports for cpu, cuda and tpu at once
+    (a Pallas kernel lowers for its own platform only): its step carries no kernel."""
+    codec, lm = models
+    cfg = load_config(resolve_preset("tiny", "lm"), ["lm.attention_impl=pallas"])
+    run = tmp_path / "run"
+    save_params(lm, run / "lm.safetensors", dump_yaml(cfg))
+    save_params(codec, run / "codec.safetensors", dump_yaml(cfg))
+    export_stablehlo(run, tmp_path / "export")
+    step = jax.export.deserialize(bytearray((tmp_path / "export" / "step.jaxexport").read_bytes()))
+    assert step.platforms == ("cpu", "cuda", "tpu")
+    text = step.mlir_module()
+    assert "tpu_custom_call" not in text and "mosaic_gpu" not in text
+
+
 def test_engine_from_kyutai_files_and_an_sfm_export_equals_the_run(
     models: tuple[Mimi, LM], tmp_path: Path
 ) -> None:

@@ -7,7 +7,8 @@ compile needs a GPU).
 Tolerance: the kernel rounds where the reference rounds (every product's result to the
 compute dtype) but sums in another order, so a rounding may differ by one unit in the last
 place. Given the same codes, the kernel's logits are the reference's within one unit at
-their scale (eps of the dtype x max |logit|), as the TPU kernel's. The reference scores the
+their scale (eps of the dtype x max |logit|), the TPU kernel's bound: empirical (the units
+could add up over layers), and what the draws' margin below rests on. The reference scores the
 kernel's own tokens (`given_bp`: the same prefixes at every
 position), and the kernel's token must be the reference's draw wherever that draw is clear:
 its winner leads the runner-up by more than two units at the logits' scale (eps of the
@@ -31,7 +32,8 @@ from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
 from sfm.kernels.depth import DepthWeights, depth_frame, reference
 from sfm.kernels.depth_gpu import BT, depth_frame_gpu, supports
-from sfm.kernels.sampling import effective_top_k, uniform
+from sfm.kernels.sampling import effective_top_k, sample_rows, uniform
+from sfm.kernels.sampling_gpu import sample_columns
 from sfm.lm.config import DepthConfig, LMConfig, TemporalConfig, moshi_delays
 from sfm.lm.fused_depth import depth_weights
 from sfm.lm.model import LM
@@ -41,9 +43,9 @@ TEMPORAL = TemporalConfig(dim=64, num_heads=1, num_layers=1, dim_feedforward=96,
 DEPTHS = {  # feature sizes in whole 64-row tiles; hidden = 2/3 dim_feedforward = 128
     "moshi": DepthConfig(dim=64, num_heads=1, num_layers=2, dim_feedforward=192),
     "csm": DepthConfig(
-        kind="csm", max_period=10000.0, dim=128, num_heads=2, num_kv_heads=1, num_layers=1,
+        kind="csm", max_period=10000.0, dim=512, num_heads=4, num_kv_heads=2, num_layers=1,
         dim_feedforward=192,
-    ),  # grouped heads, RoPE
+    ),  # grouped heads (two per kv head), head_dim 128 (two 64-row chunks), RoPE
 }  # fmt: skip
 
 
@@ -63,6 +65,7 @@ def _inputs(w: DepthWeights, batch: int) -> tuple[jax.Array, ...]:
     seeds = jax.random.randint(jax.random.key(2), (batch, 2), -(2**31), 2**31 - 1, jnp.int32)
     temp = jnp.linspace(-0.5, 1.5, batch).reshape(batch, 1)  # some rows argmax
     top_k = effective_top_k(jnp.arange(batch) % 7, 5, w.vocab)
+    top_k = jnp.where(jnp.arange(batch)[:, None] % 3 == 0, w.vocab, top_k)  # some untruncated
     return h, first, seeds, temp, top_k
 
 
@@ -70,7 +73,7 @@ CASES = [
     # kind, positions, card, batch, dtype, logits in SMEM
     ("moshi", 3, 100, 60, "bfloat16", True),  # two layers, a padded vocabulary
     ("moshi", 2, 64, BT + 1, "float16", False),  # two batch tiles; logits in global memory
-    ("csm", 3, 70, 40, "bfloat16", False),  # grouped heads, RoPE, head_dim 64 x 2 heads
+    ("csm", 3, 70, 40, "bfloat16", False),  # grouped heads, RoPE, head_dim 128
 ]
 
 
@@ -94,7 +97,7 @@ def test_gpu_kernel_equals_reference_in_the_interpreter(
     # the logits given the reference's greedy codes
     codes = reference(w, *args, greedy=True)
     gpu_interpret.reset_gpu_interpret_mode_state()
-    tokens, logits = jax.jit(
+    _, logits = jax.jit(
         lambda *a: depth_frame_gpu(
             *a, greedy=True, interpret=races, logits_in_smem=in_smem, given_bp=codes
         )
@@ -188,8 +191,34 @@ def test_supports_names_what_the_kernel_cannot_run() -> None:
     w = _weights("moshi", 2, 64, "bfloat16")
     assert supports(w, jnp.bfloat16) is None
     assert "float32" in str(supports(w, jnp.float32))
-    odd = jax.tree.map(lambda a: a, w)
-    odd = DepthWeights(**{**odd.__dict__, "w_in": jnp.zeros((2, 64, 96), jnp.bfloat16)})
+    odd = DepthWeights(**{**w.__dict__, "w_in": jnp.zeros((2, 64, 96), jnp.bfloat16)})
     assert "temporal dim 96" in str(supports(odd, jnp.bfloat16))
     with pytest.raises(ValueError, match="temporal dim 96"):
         depth_frame_gpu(odd, *_inputs(odd, 2), greedy=True, interpret=True)
+
+
+def test_column_sampler_equals_the_row_sampler() -> None:
+    """`sample_columns` on [V, B] tiles draws `sample_rows`'s tokens exactly (plain JAX, the
+    same logits): ties on a coarse grid, a vocabulary padded to whole tiles (100 -> 128),
+    every k from 1 to V, temperatures <= 0 (argmax), all-equal and all-negative rows."""
+    v, b = 100, 64
+    logits = jnp.round(jax.random.normal(jax.random.key(7), (b, v)) * 3) / 2  # many ties
+    logits = logits.at[1].set(0.0).at[2].set(-jnp.abs(logits[2]) - 1)
+    seeds = jax.random.randint(jax.random.key(8), (b, 2), -(2**31), 2**31 - 1, jnp.int32)
+    temp = jnp.where(jnp.arange(b) % 4 == 0, 0.0, 0.5 + jnp.arange(b) / b)
+    top_k = (jnp.arange(b) * 7 % v + 1).at[5].set(v).astype(jnp.int32)
+    padded = jnp.pad(logits.T, ((0, 128 - v), (0, 0)), constant_values=1e9)  # never drawn
+
+    def load(t: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_slice_in_dim(padded, t * 64, 64, axis=0)
+
+    for greedy in (True, False):
+        for position in (0, 3):
+            want = sample_rows(
+                logits, seeds, position, temp[:, None], top_k[:, None], greedy=greedy
+            )
+            got = sample_columns(
+                load, 2, b, v, seeds[:, 0], seeds[:, 1], jnp.int32(position), temp, top_k,
+                greedy=greedy,
+            )  # fmt: skip
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want[:, 0]))

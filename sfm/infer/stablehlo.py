@@ -142,7 +142,9 @@ def export_stablehlo(
 ) -> list[Path]:
     """Export the engine over the run (or sfm weights) at `source`, with the codec of the run
     or `codec` (sfm or Kyutai Mimi), to the new folder `out`; returns the files written.
-    The engine samples with the run's own `sampling`, after `overrides` (`sampling.greedy=true`)."""
+    The engine samples with the run's own `sampling`, after `overrides` (`sampling.greedy=true`).
+    Exported for several platforms, the LM runs its references (`lm.attention_impl=xla`):
+    the Pallas kernels lower for one platform each."""
     found = find_weights(source)
     if "lm" not in found:
         raise CheckpointError(f"{os.fspath(source)}: no LM weights (lm.safetensors) to serve")
@@ -151,6 +153,8 @@ def export_stablehlo(
         raise CheckpointError(
             f"{os.fspath(source)}: no codec weights (codec.safetensors): give --codec"
         )
+    if len(platforms) > 1:  # Pallas kernels lower for their own platform only
+        overrides = [*overrides, "lm.attention_impl=xla"]
     mimi, lm, cfg = load_models(found["lm"], codec_checkpoint=codec, overrides=overrides)
     models, leaves = serving_models(mimi, lm, weights)
     artifacts, flat = export_engine(models, leaves, cfg.sampling, cfg.codec.frame_size, platforms)

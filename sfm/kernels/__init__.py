@@ -11,6 +11,7 @@
 One switch, `lm.attention_impl`, picks: "xla" runs the references (every backend; the
 default), "pallas" the kernels. Each kernel is chosen where the program is lowered
 (`jax.lax.platform_dependent`), so an ahead-of-time TPU compile on a CPU host gets the
-Mosaic kernels; run on CPU they go through the Pallas TPU interpreter (the tests; the
-GPU kernel is tested in the Mosaic GPU interpreter and lowered for CUDA on the CPU).
+Mosaic kernels; run on CPU they go through an interpreter (the depth frame Pallas's
+generic one, the others the TPU kernels' own; the tests also run the GPU kernel in the
+Mosaic GPU interpreter and lower it for CUDA on the CPU).
 """

@@ -221,7 +221,7 @@ def depth_frame(
     *,
     greedy: bool,
     impl: Impl = "xla",
-    interpret: bool | None = None,
+    interpret: bool | str | Any | None = None,
     block_b: int | None = None,
     block_f: int | None = None,
     given_bp: jax.Array | None = None,
@@ -248,7 +248,7 @@ def depth_frame(
     )
     if interpret is not None:
         return kernel(*args, interpret=interpret)
-    from sfm.kernels.depth_gpu import depth_frame_gpu, supports
+    from sfm.kernels.depth_gpu import depth_frame_gpu, runs_here, supports
     from sfm.kernels.depth_plan import plan, vmem_capacity
 
     xla = partial(reference, greedy=greedy, given_bp=given_bp)
@@ -257,13 +257,14 @@ def depth_frame(
         plan(w, h_bd.shape[0], h_bd.dtype, vmem_capacity(), block_b, block_f)
     except ValueError:
         tpu = cpu = xla
-    gpu = xla  # float32 and odd sizes: the reference (see `depth_gpu.supports`)
-    if supports(w, h_bd.dtype) is None:
+    gpu = xla  # float32, odd sizes, GPUs before Hopper: the reference (see `depth_gpu`)
+    if supports(w, h_bd.dtype) is None and runs_here() is None:
         gpu = partial(depth_frame_gpu, greedy=greedy, given_bp=given_bp)
     # Chosen where the program is lowered (an ahead-of-time compile on a CPU host gets the
     # target's kernel): TPU the Mosaic kernel, CUDA GPUs the Mosaic GPU kernel, CPU the TPU
-    # kernel in Pallas's generic interpreter (free of side effects, so the branches lower
-    # together), anything else the reference.
+    # kernel in Pallas's generic interpreter (free of side effects, which would otherwise
+    # stop the other branches lowering), anything else the reference. A Pallas kernel lowers
+    # for its own platform only: an export for several platforms at once uses impl "xla".
     return jax.lax.platform_dependent(*args, tpu=tpu, cuda=gpu, cpu=cpu, default=xla)
 
 

@@ -8,7 +8,8 @@ global memory: the caller's `load(t)` reads tile t) and every per-sequence quant
 reduction of `sampling` (max, min, the counts of the two bisections, the first lane
 holding a maximum) is a loop over 64-row tiles. The arithmetic is `sampling`'s, step for
 step (the same hash of (seed, position, vocabulary index), the same bisection midpoints,
-counts exact in float32), so the tokens equal the reference's. Rows at or past the true
+counts exact in float32), so on the same logits the tokens equal the reference's (up to
+the log in the Gumbel noise, evaluated by the backend). Rows at or past the true
 vocabulary size are never drawn.
 """
 
