@@ -58,9 +58,9 @@ from sfm.kernels.depth_gpu_kernel import (
     ROWS,
     f32,
     kernel,
-    round_up,
     transforms,
 )  # fmt: skip
+from sfm.kernels.depth_plan import round_up
 
 
 def supports(w: DepthWeights, dtype: Any) -> str | None:

@@ -19,6 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from sfm.kernels.depth import DepthWeights
+from sfm.kernels.depth_plan import round_up
 from sfm.kernels.sampling_gpu import sample_columns
 
 ROWS = 64  # wgmma M: the feature rows of a tile
@@ -26,10 +27,6 @@ BT = 64  # the batch tile: wgmma N (32 with a 64-byte swizzle fails layout infer
 TK = 64  # the contraction tile
 LOGITS_SMEM_BYTES = 128 << 10  # a position's logits stay in SMEM up to this size
 f32 = jnp.float32
-
-
-def round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 class _Io:
